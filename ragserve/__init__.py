@@ -1,0 +1,2 @@
+"""ragserve: a RAG serving controller."""
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""Settings. Environment variables are read here and nowhere else.
+
+| env var            | default                       | meaning                                |
+|--------------------|-------------------------------|----------------------------------------|
+| RAGSERVE_DATA      | ~/.local/share/ragserve       | collections (index + docstore), KV store |
+| RAGSERVE_CACHE     | ~/.cache/ragserve             | converted model weights                 |
+| RAGSERVE_DATASETS  | <repo>/../shared/datasets     | evaluation datasets                     |
+| RAGSERVE_MODEL     | smollm2                       | default serving model                   |
+| RAGSERVE_THREADS   | (torch default)               | CPU threads for the embedded engine     |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ragserve.errors import ConfigError
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("RAGSERVE_DATA") or Path.home() / ".local/share/ragserve")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAGSERVE_CACHE") or Path.home() / ".cache/ragserve")
+
+
+def datasets_dir() -> Path:
+    return Path(os.environ.get("RAGSERVE_DATASETS") or _REPO_ROOT.parent / "shared/datasets")
+
+
+def default_model() -> str:
+    return os.environ.get("RAGSERVE_MODEL", "smollm2")
+
+
+def num_threads() -> int | None:
+    value = os.environ.get("RAGSERVE_THREADS")
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    chunk_tokens: int = 256
+    """Chunk size in the serving model's tokens."""
+    chunk_overlap_tokens: int = 32
+    """Overlap between consecutive chunks of one document, in tokens."""
+    embed_batch_size: int = 64
+    """Passages embedded per batch at ingest."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = field(default_factory=default_model)
+    """Serving model name in the registry: smollm2 | qwen."""
+    kv_budget_mb: float = 512.0
+    """KV memory the embedded engine may hold for in-flight calls; sets its token capacity."""
+    max_batch_size: int = 16
+    """Most calls decoded together in one batch."""
+    max_context_tokens: int = 8192
+    """Longest prompt + output accepted for one call."""
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    answer_tokens: int = 64
+    """Cap on the final answer's length."""
+    default_intermediate_tokens: int = 64
+    """Summary cap for map_reduce/refine when the plan gives none."""
+    answer_stop: tuple[str, ...] = ("\n",)
+    """Answers end at these strings (short-answer QA); set [] for multi-line summaries."""
+
+
+@dataclass(frozen=True)
+class MetisConfig:
+    policy: str = "fcfs"
+    """Order of queries waiting for KV: fcfs (head blocks, no starvation) | sjf (cheapest first)."""
+    rules_file: str | None = None
+    """YAML file with planner rules (see ragserve/planner.py); None = METIS Algorithm 1."""
+    offer_refine: bool = False
+    """Offer refine wherever map_reduce is offered (not in METIS' default rules)."""
+    confidence_threshold: float = 0.9
+    """Below this profiler confidence, plan over the union of the last 10 pruned spaces."""
+    feedback_every: int = 30
+    """Run the golden plan and ask the profiler for feedback every N queries; 0 = off."""
+    max_waiting: int = 256
+    """Queries waiting for KV beyond this are rejected (HTTP 503 + Retry-After)."""
+    learned_profiler: str | None = None
+    """Path of a learned profiler (ragserve tune train-profiler); None = the LLM profiler."""
+    descriptions: dict[str, str] = field(default_factory=dict)
+    """One-line description per collection for the profiler; default is derived from titles."""
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """CacheBlend in the embedded engine: reuse stored chunk KV, recompute a few tokens."""
+
+    enabled: bool = False
+    """Prefill answer calls (stuff, reduce, first refine step) from stored chunk KV."""
+    ratio: float = 0.15
+    """Share r of the reused tokens recomputed after the check layer(s), in [0, 1]. The
+    glue and question tokens are always computed; 1.0 equals a full prefill, 0 full reuse."""
+    check_layers: tuple[int, ...] = ()
+    """Layers (>= 1) where reused and fresh keys are compared to pick the tokens to recompute.
+    Empty: (1,) for mode single, (1, 2, 3, 4) for mode gradual."""
+    mode: str = "single"
+    """single: one check layer picks r (LMCache). gradual: the kept share falls linearly from
+    min(1, 2r) at the first check layer to r at the last (the paper's gradual filtering)."""
+    min_tokens: int = 256
+    """Prefill normally when a call's chunks hold fewer tokens than this."""
+    ram_budget_mb: float = 1024.0
+    """RAM tier of the chunk KV store; the disk tier lives under <data dir>/kv/<model id>."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "check_layers", tuple(int(x) for x in self.check_layers))
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ConfigError(f"blend.ratio={self.ratio} must be in [0, 1]")
+        if self.mode not in ("single", "gradual"):
+            raise ConfigError(f"blend.mode={self.mode!r} must be 'single' or 'gradual'")
+        if any(x < 1 for x in self.check_layers) or len(set(self.check_layers)) != len(self.check_layers):
+            raise ConfigError(f"blend.check_layers={list(self.check_layers)} must be distinct layers >= 1")
+        if self.mode == "single" and len(self.check_layers) > 1:
+            raise ConfigError(f"blend.check_layers={list(self.check_layers)}: mode single takes one "
+                              "layer; use mode gradual for several")
+        if self.min_tokens < 0 or self.ram_budget_mb < 0:
+            raise ConfigError(f"blend.min_tokens={self.min_tokens} and blend.ram_budget_mb="
+                              f"{self.ram_budget_mb} must be >= 0")
+
+    def schedule(self) -> list[tuple[int, float]]:
+        """(check layer, share of reused tokens kept from that layer on), in layer order."""
+        if self.mode == "single":
+            return [((self.check_layers or (1,))[0], self.ratio)]
+        layers = sorted(self.check_layers or (1, 2, 3, 4))
+        first = min(1.0, 2 * self.ratio)
+        n = len(layers)
+        return [(layer, first + (self.ratio - first) * (i / (n - 1) if n > 1 else 1.0))
+                for i, layer in enumerate(layers)]
+
+
+@dataclass(frozen=True)
+class Config:
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    metis: MetisConfig = field(default_factory=MetisConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Build from nested dicts (a parsed YAML/TOML file). Unknown keys are an error."""
+        sections: dict[str, Any] = {}
+        known = {f.name: f for f in fields(cls)}
+        for name, value in raw.items():
+            if name not in known:
+                raise ConfigError(f"unknown config section {name!r}; known: {', '.join(known)}")
+            default = getattr(cls(), name)
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
+            allowed = {f.name for f in fields(default)}
+            for key in value:
+                if key not in allowed:
+                    raise ConfigError(f"unknown config key {name}.{key}; known: {', '.join(sorted(allowed))}")
+            sections[name] = replace(default, **value)
+        return cls(**sections)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> "Config":
+        if path is None:
+            return cls()
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+        return cls.from_dict(raw)

