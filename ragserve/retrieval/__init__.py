@@ -1,0 +1,15 @@
+"""Retrieval: documents -> token-sized chunks -> embeddings -> persisted FAISS collections.
+
+Modules, in data-flow order: `chunking` (load files/corpora, split in the serving model's
+tokens), `embeddings` (packaged MiniLM, offline), `store` (Collection: index + docstore,
+search with metadata filters) over `generations` (crash-safe on-disk format), and
+`ingest` (the pipeline, plus `Retriever` for queries). Importing this package does not
+import torch; the embedding model loads on first use.
+"""
+from ragserve.retrieval.chunking import Chunker, Document, load_documents
+from ragserve.retrieval.embeddings import Embedder
+from ragserve.retrieval.ingest import IngestReport, Retriever, ingest
+from ragserve.retrieval.store import AddResult, Collection, CollectionSpec, list_collections
+
+__all__ = ["AddResult", "Chunker", "Collection", "CollectionSpec", "Document", "Embedder",
+           "IngestReport", "Retriever", "ingest", "list_collections", "load_documents"]

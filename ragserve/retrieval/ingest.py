@@ -1,0 +1,100 @@
+"""Ingest (path -> collection) and retrieval (question -> chunks).
+
+Ingest: load documents -> chunk in the serving model's tokens -> drop what the collection
+already holds (by content hash) -> embed only the rest -> one atomic commit. Nothing is
+written before that commit, so a failure anywhere leaves the stored collection as it was.
+A re-ingested document whose text changed has its stale chunks replaced in the same commit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragserve.config import RetrievalConfig
+from ragserve.domain import RetrievedChunk
+from ragserve.errors import BadInput
+from ragserve.retrieval.chunking import Chunker, load_documents
+from ragserve.retrieval.embeddings import Embedder
+from ragserve.retrieval.generations import read_current
+from ragserve.retrieval.store import Collection, CollectionSpec, content_hash, validate_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    added: int              # chunks embedded and stored
+    skipped: int            # chunks whose text the collection already held
+    num_documents: int      # documents read from the input
+    num_chunks_total: int   # chunks in the collection after ingest
+    elapsed_s: float
+    removed: int = 0        # stale chunks of edited documents that were replaced
+
+
+def ingest(path: str | Path, collection_name: str, tokenizer: Any, embedder: Embedder,
+           config: RetrievalConfig | None = None, progress: bool = True) -> IngestReport:
+    """Add the documents at `path` to `collection_name`, creating it if needed.
+
+    `tokenizer` is the serving model's (Hugging Face) tokenizer: chunk sizes and
+    `Chunk.num_tokens` are in its tokens. Raises BadInput for bad input or a collection
+    built with other settings; the stored collection is then untouched.
+    """
+    t0 = time.perf_counter()
+    config = config or RetrievalConfig()
+    validate_name(collection_name)
+    chunker = Chunker(tokenizer, config.chunk_tokens, config.chunk_overlap_tokens)
+    docs = load_documents(path)
+    chunks = chunker.split_documents(docs)
+    spec = CollectionSpec(embedding_model=embedder.model_id, dim=embedder.dim, tokenizer=chunker.tokenizer_id,
+                          chunk_tokens=config.chunk_tokens, chunk_overlap_tokens=config.chunk_overlap_tokens)
+    col = Collection.create_or_open(collection_name, spec)
+
+    # A stored chunk of an input document that the new chunking no longer produces
+    # (same id and text) is stale: the document was edited since the last ingest.
+    input_docs = {d.id for d in docs}
+    new_pairs = {(c.id, content_hash(c.text)) for c in chunks}
+    stale = [cid for cid, (doc_id, h) in col.chunk_hashes().items()
+             if doc_id in input_docs and (cid, h) not in new_pairs]
+    todo = col.new_chunks(chunks, remove_ids=stale)
+    logger.info("ingest %s -> %s: %d documents, %d chunks, %d new, %d stale",
+                path, collection_name, len(docs), len(chunks), len(todo), len(stale))
+
+    vectors = embedder.encode([c.text for c in todo], batch_size=config.embed_batch_size, progress=progress)
+    result = col.add(todo, vectors, remove_ids=stale)
+    elapsed_s = time.perf_counter() - t0
+    logger.info("ingested into %s: +%d chunks (%d skipped, %d replaced) in %.1fs, %d chunks total",
+                collection_name, result.added, len(chunks) - result.added, result.removed, elapsed_s, len(col))
+    return IngestReport(added=result.added, skipped=len(chunks) - result.added,
+                        num_documents=len(docs), num_chunks_total=len(col), elapsed_s=elapsed_s,
+                        removed=result.removed)
+
+
+class Retriever:
+    """Embeds questions and searches collections; reopens a collection another process changed."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self._open: dict[str, Collection] = {}
+
+    def collection(self, name: str) -> Collection:
+        """The named collection, reloaded when its committed generation moved on."""
+        col = self._open.get(name)
+        if col is None or read_current(col.path) != col.generation:
+            col = self._open[name] = Collection.open(name)
+        return col
+
+    def retrieve(self, collection: Collection | str, question: str, k: int,
+                 filters: dict[str, Any] | None = None) -> tuple[list[RetrievedChunk], float]:
+        """Top-`k` chunks for `question`, best first, and the time it took in seconds."""
+        t0 = time.perf_counter()
+        if not isinstance(question, str) or not question.strip():
+            raise BadInput(f"question {question!r} is empty; ask a question with some text")
+        col = self.collection(collection) if isinstance(collection, str) else collection
+        if col.spec.embedding_model != self.embedder.model_id:
+            raise BadInput(f"collection {col.name!r} was embedded with {col.spec.embedding_model!r}, "
+                           f"this retriever uses {self.embedder.model_id!r}; use a matching embedder")
+        hits = col.search(self.embedder.encode_query(question), k, filters)
+        return hits, time.perf_counter() - t0
