@@ -1,0 +1,166 @@
+import pytest
+
+from ragserve.domain import Method, RagPlan
+from ragserve.errors import BadInput, ConfigError
+from ragserve.planner import ConfidenceGate, MethodRule, Planner, PlannerRules, prune
+from ragserve.profiler import Complexity, fallback_profile
+from tests.core.factories import make_profile
+
+RULES = PlannerRules()
+TOKENS = PlannerRules(tokens_per_summary_unit=1.0)   # summary range taken as tokens
+
+
+def methods(plans):
+    return sorted({p.method.value for p in plans})
+
+
+def chunk_counts(plans):
+    return sorted({p.num_chunks for p in plans})
+
+
+# ------------------------------------------------------------------ METIS rules
+
+def test_no_joint_reasoning_gives_map_rerank_only():
+    plans = prune(make_profile("high", joint=False, pieces=2), RULES, max_chunks=30)
+    assert methods(plans) == ["map_rerank"]
+    assert chunk_counts(plans) == [2, 3, 4, 5, 6]
+    assert all(p.intermediate_tokens == 0 for p in plans)
+
+
+def test_joint_low_complexity_gives_stuff():
+    plans = prune(make_profile("low", joint=True, pieces=3), RULES, max_chunks=30)
+    assert plans == [RagPlan(Method.STUFF, n) for n in range(3, 10)]
+
+
+def test_joint_high_complexity_gives_stuff_and_map_reduce():
+    plans = prune(make_profile("high", joint=True, pieces=3, summary=(30, 90)), TOKENS, 30)
+    assert methods(plans) == ["map_reduce", "stuff"]
+    assert chunk_counts(plans) == list(range(3, 10))
+    reduce_plans = [p for p in plans if p.method is Method.MAP_REDUCE]
+    assert sorted({p.intermediate_tokens for p in reduce_plans}) == [30, 60, 90]
+    assert len(reduce_plans) == 7 * 3 and len(plans) == 7 * 4
+
+
+def test_chunk_range_capped_by_collection_size():
+    assert chunk_counts(prune(make_profile(pieces=3), RULES, max_chunks=5)) == [3, 4, 5]
+    assert chunk_counts(prune(make_profile(pieces=4), RULES, max_chunks=2)) == [2]
+
+
+def test_no_chunks_is_bad_input():
+    with pytest.raises(BadInput, match="max_chunks=0"):
+        prune(make_profile(), RULES, max_chunks=0)
+
+
+def test_summary_words_become_tokens():
+    # (30, 100) words * 1.3 = (39, 130) tokens; three values spread over it
+    assert RULES.intermediate_values((30, 100)) == (39, 84, 130)
+    assert PlannerRules(num_intermediate_values=1).intermediate_values((30, 100)) == (84,)
+    assert RULES.intermediate_values((50, 50)) == (65,)
+
+
+def test_largest_space_stays_small():
+    plans = prune(make_profile("high", True, pieces=10, summary=(30, 200)), RULES, 100)
+    assert len(plans) == 21 + 21 * 3
+
+
+def test_refine_is_offered_only_when_configured():
+    profile = make_profile("high", joint=True)
+    assert "refine" not in methods(prune(profile, RULES, 30))
+    with_refine = prune(profile, PlannerRules(offer_refine=True), 30)
+    assert methods(with_refine) == ["map_reduce", "refine", "stuff"]
+    assert all(p.intermediate_tokens > 0 for p in with_refine if p.method is Method.REFINE)
+    # not where map_reduce is not offered
+    assert methods(prune(make_profile("low", True), PlannerRules(offer_refine=True), 30)) == ["stuff"]
+
+
+# ------------------------------------------------------------------ rules as data
+
+def test_rules_from_a_mapping():
+    rules = PlannerRules.from_dict({
+        "rules": [{"when": {"joint_reasoning": False}, "methods": ["map_rerank", "stuff"]},
+                  {"methods": ["map_reduce"]}],
+        "max_chunks_factor": 2,
+    })
+    assert methods(prune(make_profile(joint=False, pieces=3), rules, 30)) == ["map_rerank", "stuff"]
+    plans = prune(make_profile(joint=True, pieces=3), rules, 30)
+    assert methods(plans) == ["map_reduce"] and chunk_counts(plans) == [3, 4, 5, 6]
+
+
+def test_rules_from_yaml(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("offer_refine: true\nrules:\n"
+                    "  - when: {complexity: High}\n    methods: [map_reduce]\n"
+                    "  - methods: [stuff]\n")
+    rules = PlannerRules.load(path)
+    assert rules.offer_refine
+    assert rules.rules[0] == MethodRule((Method.MAP_REDUCE,), complexity=Complexity.HIGH)
+    assert methods(prune(make_profile("low"), rules, 30)) == ["stuff"]
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"rules": [{"methods": ["summarize"]}]}, "summarize"),
+    ({"rules": [{"when": {"mood": "x"}, "methods": ["stuff"]}]}, "mood"),
+    ({"rules": [{"when": {"joint_reasoning": "maybe"}, "methods": ["stuff"]}]}, "maybe"),
+    ({"rules": []}, "non-empty"),
+    ({"chunk_factor": 2}, "chunk_factor"),
+    ({"min_chunks_factor": 4}, "min=4"),
+])
+def test_bad_rules_name_the_value(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        PlannerRules.from_dict(raw)
+
+
+def test_profile_matching_no_rule_is_a_config_error():
+    rules = PlannerRules.from_dict({"rules": [{"when": {"joint_reasoning": True}, "methods": ["stuff"]}]})
+    with pytest.raises(ConfigError, match="no planner rule matches"):
+        prune(make_profile(joint=False), rules, 30)
+
+
+# ------------------------------------------------------------------ confidence gate
+
+def test_confident_profile_uses_its_own_space():
+    planner = Planner()
+    space = planner.plan(make_profile("low", True, pieces=2, confidence=0.95), 30)
+    assert not space.from_history
+    assert space.plans == tuple(RagPlan(Method.STUFF, n) for n in range(2, 7))
+    assert space.fallback is Method.STUFF
+
+
+def test_low_confidence_uses_the_union_of_the_last_10():
+    planner = Planner()
+    # 11 confident queries; the first (pieces=10) must be forgotten
+    planner.plan(make_profile("low", True, pieces=10), 30)
+    for _ in range(9):
+        planner.plan(make_profile("low", True, pieces=1), 30)
+    planner.plan(make_profile("high", False, pieces=2), 30)
+    space = planner.plan(make_profile("high", True, pieces=7, confidence=0.5), 30)
+    assert space.from_history
+    assert set(space.plans) == ({RagPlan(Method.STUFF, n) for n in range(1, 4)}
+                                | {RagPlan(Method.MAP_RERANK, n) for n in range(2, 7)})
+    assert space.fallback is Method.STUFF          # the union offers a joint method
+    # the low-confidence space was not remembered
+    assert planner.gate.num_remembered == 10
+
+
+def test_low_confidence_without_history_keeps_its_own_space():
+    space = Planner().plan(fallback_profile(), 30)
+    assert not space.from_history
+    assert methods(space.plans) == ["stuff"]
+    assert sorted(p.num_chunks for p in space.plans) == [2, 3, 4, 5, 6]
+    assert space.fallback is Method.STUFF
+
+
+def test_union_respects_the_current_collection_size():
+    planner = Planner()
+    planner.plan(make_profile("high", False, pieces=5), 30)          # map_rerank 5..15
+    space = planner.plan(make_profile(confidence=0.1), max_chunks=8)
+    assert chunk_counts(space.plans) == [5, 6, 7, 8]
+    assert space.fallback is Method.MAP_RERANK
+
+
+def test_threshold_is_configurable():
+    gate = ConfidenceGate(threshold=0.5, history_size=2)
+    assert gate.is_confident(make_profile(confidence=0.6))
+    assert not gate.is_confident(make_profile(confidence=0.4))
+    planner = Planner(PlannerRules(confidence_threshold=0.5))
+    assert not planner.plan(make_profile(confidence=0.6), 30).from_history
