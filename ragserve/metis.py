@@ -1,0 +1,202 @@
+"""METIS as the controller's planner: profile -> prune -> best-fit schedule under free KV.
+
+Owns one Scheduler (per engine) and one Planner per collection (the confidence gate's
+history is per collection). A query's KV stays reserved from admission until `done`:
+its calls reach the engine over several rounds (map, then reduce), so the engine's own
+snapshot lags behind what was promised. Free KV for a decision is therefore
+capacity - max(engine used, reserved by us).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ragserve.config import Config
+from ragserve.controller import Decision, run_program
+from ragserve.cost import CostConfig, CostModel
+from ragserve.domain import EngineStats, LLMCall, RetrievedChunk
+from ragserve.engines.base import Engine
+from ragserve.feedback import FeedbackLoop
+from ragserve.planner import Planner, PlannerRules
+from ragserve.profiler import (SEED_EXAMPLES, LearnedProfiler, ProfilePromptBuilder, QueryProfile,
+                                run_llm_profiler)
+from ragserve.scheduler import Job, Policy, Scheduler, SchedulerConfig
+from ragserve.synthesis import build_program
+
+logger = logging.getLogger(__name__)
+
+PUMP_INTERVAL_S = 0.02   # re-check waiting queries this often: engine calls finish on their own
+
+
+@dataclass
+class _Pending:
+    job: Job
+    future: asyncio.Future
+
+
+class MetisPlanner:
+    """Implements the controller's `Planner` protocol."""
+
+    def __init__(self, engine: Engine, config: Config, learned: LearnedProfiler | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        mc = config.metis
+        rules = PlannerRules.load(mc.rules_file) if mc.rules_file else PlannerRules()
+        self.rules = replace(rules, offer_refine=mc.offer_refine or rules.offer_refine,
+                             confidence_threshold=mc.confidence_threshold)
+        self.max_chunks_needed = int(10 * self.rules.max_chunks_factor)   # pieces <= 10
+        syn = config.synthesis
+        probe = LLMCall((("system", "x"), ("user", "x")), 1)
+        overhead = max(0, engine.prompt_tokens(probe) - 2)
+        model = replace(engine.model, max_context=min(engine.model.max_context, config.engine.max_context_tokens))
+        self.cost = CostModel(model, CostConfig(answer_tokens=syn.answer_tokens,
+                                                default_intermediate_tokens=syn.default_intermediate_tokens,
+                                                overhead_tokens_per_call=overhead + 60))
+        self.scheduler = Scheduler(SchedulerConfig(policy=Policy(mc.policy), max_waiting=mc.max_waiting,
+                                                   hold_until_release=True), self.cost,
+                                   kv_capacity_tokens=engine.stats().kv_capacity_tokens)
+        self.learned = learned
+        self.feedback = FeedbackLoop(every_n=mc.feedback_every or 10**9)
+        self._planners: dict[str, Planner] = {}
+        self._builders: dict[str, ProfilePromptBuilder] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count()
+        self._pump_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # -- Planner protocol ---------------------------------------------------------------
+    async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
+                     slo_s: float | None = None) -> Decision:
+        t0 = time.perf_counter()
+        builder = self._builder(collection)
+        profile = await self._profile(builder, question)
+        profile_s = time.perf_counter() - t0
+        planner = self._planners.setdefault(collection.name, Planner(self.rules))
+        space = planner.plan(profile, len(hits))
+        counts = self._token_counts(collection, hits)
+        job = Job.from_space(f"q{next(self._ids)}", space, counts, self.engine.count_tokens(question), slo_s=slo_s)
+        decision = await self._admit(job)
+        if self.feedback.record_query():
+            self._spawn(self._golden_run(question, collection, hits, profile))
+        details = {"profile": profile.to_dict(), **space.to_dict(), "reason": decision.reason.value,
+                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict()}
+        return Decision(decision.plan, queue_s=decision.wait_s, profile_s=profile_s, details=details,
+                        job_id=job.id)
+
+    def done(self, decision: Decision) -> None:
+        if decision.job_id:
+            self.scheduler.release(decision.job_id)
+            self._kick()
+
+    # -- pieces -------------------------------------------------------------------------
+    async def _profile(self, builder: ProfilePromptBuilder, question: str) -> QueryProfile:
+        if self.learned is not None:
+            return self.learned.profile(question)
+        examples = self.feedback.examples or SEED_EXAMPLES
+        return await run_llm_profiler(self.engine, builder, question, examples)
+
+    def _builder(self, collection: Any) -> ProfilePromptBuilder:
+        b = self._builders.get(collection.name)
+        if b is None:
+            desc = self.config.metis.descriptions.get(collection.name) or describe(collection)
+            b = self._builders[collection.name] = ProfilePromptBuilder(desc, collection.spec.chunk_tokens)
+        return b
+
+    def _token_counts(self, collection: Any, hits: list[RetrievedChunk]) -> list[int]:
+        if Path(str(collection.spec.tokenizer)).name == self.engine.model.name:
+            return [h.chunk.num_tokens for h in hits]
+        return [self.engine.count_tokens(h.chunk.text) for h in hits]   # another model's tokens
+
+    def effective_stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        held = self.scheduler.held_tokens
+        # Scheduler frees = (capacity - used') - held; used' makes that capacity - max(used, held).
+        return replace(stats, kv_used_tokens=max(0, stats.kv_used_tokens - held))
+
+    async def _admit(self, job: Job):
+        future = asyncio.get_running_loop().create_future()
+        self.scheduler.add(job)   # raises NoFeasiblePlan / AdmissionRejected
+        self._pending[job.id] = _Pending(job, future)
+        self._step()
+        if not future.done() and (self._pump_task is None or self._pump_task.done()):
+            self._pump_task = asyncio.ensure_future(self._pump())
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not self.scheduler.cancel(job.id):
+                self.scheduler.release(job.id)
+            self._pending.pop(job.id, None)
+            raise
+
+    def _step(self) -> None:
+        for d in self.scheduler.schedule(self.effective_stats()):
+            p = self._pending.pop(d.job.id, None)
+            if p is not None and not p.future.done():
+                p.future.set_result(d)
+            elif p is None or p.future.done():
+                self.scheduler.release(d.job.id)
+        for job, error in self.scheduler.take_infeasible():
+            p = self._pending.pop(job.id, None)
+            if p is not None and not p.future.done():
+                p.future.set_exception(error)
+
+    def _kick(self) -> None:
+        if self._pending:
+            self._step()
+
+    async def _pump(self) -> None:
+        while self._pending:
+            await asyncio.sleep(PUMP_INTERVAL_S)
+            self._step()
+
+    # -- feedback (METIS §5) ------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _golden_run(self, question: str, collection: Any, hits: list[RetrievedChunk],
+                          used: QueryProfile) -> None:
+        """Answer with the most expensive plan, then ask the profiler what it should have said."""
+        golden = self.feedback.golden_plan(len(hits))
+        job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(self._token_counts(collection, hits)),
+                  self.engine.count_tokens(question), arrival_s=time.monotonic())
+        try:
+            decision = await self._admit(job)
+            try:
+                if decision.reason.value != "fit":
+                    return   # memory-constrained: skip rather than learn from a cheaper answer
+                program = build_program(question, [h.chunk for h in hits], decision.plan, self.config.synthesis)
+                run = await run_program(self.engine, program)
+            finally:
+                self.done(Decision(decision.plan, job_id=job.id))
+            call = self.feedback.review_call(self._builder(collection), question, run.answer, used)
+            (result,) = await self.engine.generate([call])
+            example = self.feedback.add_result(question, result)
+            logger.info("feedback: golden plan %s -> example %s", golden, example.profile.to_json() if example else None)
+        except Exception:   # feedback is best effort; never fail user queries for it
+            logger.exception("feedback golden run failed")
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._pump_task:
+            self._pump_task.cancel()
+
+
+def describe(collection: Any) -> str:
+    """A one-line description from the collection's titles (METIS gives its profiler one line)."""
+    titles: list[str] = []
+    for chunk in collection.iter_chunks() if hasattr(collection, "iter_chunks") else []:
+        if chunk.title and chunk.title not in titles:
+            titles.append(chunk.title)
+        if len(titles) >= 5:
+            break
+    sample = ", ".join(t.replace("_", " ") for t in titles)
+    return (f"{collection.num_documents} documents" + (f" such as: {sample}" if sample else "")
+            + f"; {len(collection)} chunks")

@@ -1,0 +1,130 @@
+"""Synthesis programs: how a plan turns (question, chunks) into LLM calls and an answer.
+
+A program is a generator: it yields a batch of `LLMCall`s (a fan-out is one batch),
+receives their `LLMResult`s, and finally returns the answer text. The controller
+drives it against an engine; tests can drive it with canned results. No I/O here.
+
+    stuff       1 call over all chunks
+    map_rerank  N calls (one batch), keep the most confident non-"unknown" answer
+    map_reduce  N summary calls (one batch, capped at intermediate_tokens), then 1 answer call
+    refine      N sequential calls, each improving the previous answer
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+from ragserve import prompts
+from ragserve.config import SynthesisConfig
+from ragserve.domain import Chunk, LLMCall, LLMResult, Method, RagPlan
+
+Program = Generator[list[LLMCall], list[LLMResult], str]
+
+_WORDS_PER_TOKEN = 0.75   # English averages ~1.3 tokens per word
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A map_rerank answer with its confidence (geometric-mean token probability)."""
+
+    text: str
+    confidence: float
+
+
+def _messages(system: str, user: str) -> tuple[tuple[str, str], ...]:
+    return (("system", system), ("user", user))
+
+
+def _context(chunks: Sequence[Chunk]) -> str:
+    return "\n\n".join(prompts.format_passage(i + 1, c.title, c.text) for i, c in enumerate(chunks))
+
+
+def answer_call(question: str, chunks: Sequence[Chunk], max_tokens: int, tag: str = "stuff",
+                stop: tuple[str, ...] = ()) -> LLMCall:
+    user = prompts.ANSWER.format(context=_context(chunks), question=question)
+    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop,
+                   chunk_ids=tuple(c.id for c in chunks), tag=tag)
+
+
+def map_rerank_call(question: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = ()) -> LLMCall:
+    user = prompts.MAP_RERANK.format(context=_context([chunk]), question=question)
+    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop, logprobs=True,
+                   chunk_ids=(chunk.id,), tag="map_rerank")
+
+
+def map_summary_call(question: str, chunk: Chunk, max_tokens: int) -> LLMCall:
+    words = max(5, int(max_tokens * _WORDS_PER_TOKEN))
+    user = prompts.MAP_SUMMARY.format(context=_context([chunk]), question=question, words=words)
+    return LLMCall(_messages(prompts.MAP_SYSTEM, user), max_tokens, chunk_ids=(chunk.id,), tag="map")
+
+
+def refine_call(question: str, answer: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = ()) -> LLMCall:
+    user = prompts.REFINE.format(question=question, answer=answer, context=_context([chunk]))
+    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop, chunk_ids=(chunk.id,), tag="refine")
+
+
+def _is(text: str, word: str) -> bool:
+    return text.strip().strip(".").lower() == word
+
+
+def confidence(result: LLMResult) -> float:
+    if not result.token_logprobs or _is(result.text, prompts.UNKNOWN) or not result.text.strip():
+        return 0.0
+    return math.exp(sum(result.token_logprobs) / len(result.token_logprobs))
+
+
+def pick_best(results: Sequence[LLMResult]) -> Candidate:
+    """Most confident answer; ties keep retrieval order. All unknown -> 'unknown'."""
+    best = Candidate(prompts.UNKNOWN, 0.0)
+    for r in results:
+        c = confidence(r)
+        if c > best.confidence:
+            best = Candidate(r.text.strip(), c)
+    return best
+
+
+def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config: SynthesisConfig) -> Program:
+    chunks = list(chunks)[: plan.num_chunks]
+    if not chunks:
+        raise ValueError("a synthesis program needs at least one chunk")
+    inter = plan.intermediate_tokens or config.default_intermediate_tokens
+    out, stop = config.answer_tokens, tuple(config.answer_stop)
+    if plan.method is Method.STUFF:
+        return _stuff(question, chunks, out, stop)
+    if plan.method is Method.MAP_RERANK:
+        return _map_rerank(question, chunks, out, stop)
+    if plan.method is Method.MAP_REDUCE:
+        return _map_reduce(question, chunks, inter, out, stop)
+    return _refine(question, chunks, inter, out, stop)
+
+
+def _stuff(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...]) -> Program:
+    (result,) = yield [answer_call(question, chunks, out, stop=stop)]
+    return result.text
+
+
+def _map_rerank(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...]) -> Program:
+    results = yield [map_rerank_call(question, c, out, stop) for c in chunks]
+    return pick_best(results).text
+
+
+def _map_reduce(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...]) -> Program:
+    summaries = yield [map_summary_call(question, c, inter) for c in chunks]
+    kept = [Chunk(id=c.id + "/summary", doc_id=c.doc_id, text=s.text, num_tokens=s.output_tokens, title=c.title)
+            for c, s in zip(chunks, summaries) if s.text.strip() and not _is(s.text, prompts.NONE)]
+    if not kept:   # nothing relevant anywhere: answer from the raw top chunk rather than from nothing
+        kept = chunks[:1]
+    (result,) = yield [answer_call(question, kept, out, tag="reduce", stop=stop)]
+    return result.text
+
+
+def _refine(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...]) -> Program:
+    # Intermediate answers are capped at `inter`; the last pass at the answer length.
+    first_cap = out if len(chunks) == 1 else inter
+    (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=stop)]
+    answer = result.text
+    for i, chunk in enumerate(chunks[1:], start=2):
+        (result,) = yield [refine_call(question, answer, chunk, out if i == len(chunks) else inter, stop)]
+        answer = result.text or answer
+    return answer
