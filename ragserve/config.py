@@ -53,6 +53,8 @@ class RetrievalConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    backend: str = "local"
+    """Which engine runs LLM calls: local (embedded transformers) | vllm (see the vllm section)."""
     model: str = field(default_factory=default_model)
     """Serving model name in the registry: smollm2 | qwen."""
     kv_budget_mb: float = 512.0
@@ -140,12 +142,74 @@ class BlendConfig:
 
 
 @dataclass(frozen=True)
+class VllmEndpoint:
+    base_url: str
+    """e.g. http://127.0.0.1:8001 (the server's root; /v1 is added by the client)."""
+    model: str
+    """The model name the server serves (its --served-model-name or --model)."""
+    api_key: str | None = None
+    """Bearer token, when the server was started with --api-key."""
+    lmcache_blend: bool = False
+    """The server runs LMCache with blending: send chunks separated by blend_special_str."""
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    endpoints: tuple[VllmEndpoint, ...] = ()
+    """One or more vLLM replicas; each job goes to the one with the most free KV."""
+    scrape_interval_s: float = 1.0
+    """How often each endpoint's /metrics is scraped in the background."""
+    max_staleness_s: float = 5.0
+    """A load snapshot older than this is refreshed before a decision."""
+    timeout_s: float = 300.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    """Retries (with backoff) of a call that failed before any token arrived."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Listen address; loopback by default."""
+    port: int = 8000
+    """Listen port."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted API keys (also RAGSERVE_API_KEYS, comma-separated). Writes always need one."""
+    require_key_for_queries: bool = False
+    """Also require a key for queries."""
+    max_queue: int = 64
+    """Queries in flight or waiting beyond this get 503 + Retry-After."""
+    request_timeout_s: float = 300.0
+    """A query running longer is cancelled with 504."""
+    max_body_bytes: int = 32 * 2**20
+    """Request bodies above this get 413."""
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """YAML gives lists and dicts; frozen settings hold tuples and dataclasses."""
+    if section == "vllm" and key == "endpoints":
+        if not isinstance(value, list):
+            raise ConfigError(f"vllm.endpoints must be a list of {{base_url, model}} mappings, got {value!r}")
+        allowed = {f.name for f in fields(VllmEndpoint)}
+        out = []
+        for i, ep in enumerate(value):
+            if not isinstance(ep, dict) or not {"base_url", "model"} <= ep.keys() or not ep.keys() <= allowed:
+                raise ConfigError(f"vllm.endpoints[{i}] = {ep!r}: needs base_url and model; "
+                                  f"allowed keys: {', '.join(sorted(allowed))}")
+            out.append(VllmEndpoint(**ep))
+        return tuple(out)
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
 class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
     metis: MetisConfig = field(default_factory=MetisConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
@@ -162,7 +226,7 @@ class Config:
             for key in value:
                 if key not in allowed:
                     raise ConfigError(f"unknown config key {name}.{key}; known: {', '.join(sorted(allowed))}")
-            sections[name] = replace(default, **value)
+            sections[name] = replace(default, **{k: _coerce(name, k, v) for k, v in value.items()})
         return cls(**sections)
 
     @classmethod
