@@ -11,9 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SQUAD = Path(__file__).resolve().parents[1].parent / "shared/datasets/squad"
-
-
 def squad_rows(kind: str, n: int) -> list[dict]:
     from ragserve.config import datasets_dir
 
@@ -43,3 +40,34 @@ def smollm2_engine():
     engine = LocalEngine(EngineConfig(model="smollm2"))
     yield engine
     asyncio.run(engine.close())
+
+
+SMALL_SQUAD_PASSAGES = 40   # the first passages of the squad corpus: two articles, ~60 chunks
+
+
+@pytest.fixture(scope="session")
+def small_squad(session_data_dir, tmp_path_factory) -> str:
+    """A real collection of the first squad passages, chunked in SmolLM2 tokens.
+
+    Sets RAGSERVE_DATA for the session (tests that monkeypatch it get it restored)."""
+    from ragserve.engines.local.models import load_tokenizer
+    from ragserve.retrieval.embeddings import Embedder
+    from ragserve.retrieval.ingest import ingest
+
+    os.environ["RAGSERVE_DATA"] = str(session_data_dir)
+    src = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in squad_rows("corpus", SMALL_SQUAD_PASSAGES)))
+    ingest(src, "squad-small", load_tokenizer("smollm2"), shared_embedder(), progress=False)
+    return "squad-small"
+
+
+_EMBEDDER = None
+
+
+def shared_embedder():
+    global _EMBEDDER
+    if _EMBEDDER is None:
+        from ragserve.retrieval.embeddings import Embedder
+
+        _EMBEDDER = Embedder()
+    return _EMBEDDER
