@@ -35,12 +35,13 @@ class FixedProfiler:
         return QueryProfile(Complexity.LOW, True, 3, (30, 60), confidence=1.0, source=ProfileSource.LEARNED)
 
 
-def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad):
+def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_engine):
     from ragserve.engines.local.engine import LocalEngine
     from ragserve.metis import MetisPlanner
 
     # ~4,500 KV tokens: two 9-chunk stuff prompts (~2k tokens each) fit at once, not eight.
-    engine = LocalEngine(EngineConfig(model="smollm2", kv_budget_mb=100.0, max_batch_size=8))
+    budget_mb = 4500 * smollm2_engine.model.kv_bytes_per_token / 2**20
+    engine = LocalEngine(EngineConfig(model="smollm2", kv_budget_mb=budget_mb, max_batch_size=8))
     config = Config(synthesis=SynthesisConfig(answer_tokens=8), metis=MetisConfig(feedback_every=0))
     planner = MetisPlanner(engine, config, learned=FixedProfiler())
     controller = Controller(engine, Retriever(shared_embedder()), config, planner=planner)

@@ -72,15 +72,16 @@ def test_stats_idle(smollm2_engine):
     stats = smollm2_engine.stats()
     assert stats.kv_capacity_tokens == int(512 * 2**20 // smollm2_engine.model.kv_bytes_per_token)
     assert stats.kv_used_tokens == 0 and stats.num_running == 0 and stats.num_waiting == 0
-    assert stats.kv_bytes_per_token == 2 * 30 * 3 * 64 * 2
+    assert stats.kv_bytes_per_token == 2 * 30 * 3 * 64 * smollm2_engine.model.dtype_bytes
 
 
-def test_budget_makes_calls_wait_and_none_is_dropped():
+def test_budget_makes_calls_wait_and_none_is_dropped(smollm2_engine):
     from ragserve.engines.local.engine import LocalEngine
 
     probe = call(QUESTIONS[0], max_tokens=8)
     # Room for exactly one call at a time: the rest must queue, then all finish.
-    engine = LocalEngine(EngineConfig(model="smollm2", kv_budget_mb=3.0))
+    one = (smollm2_engine.prompt_tokens(probe) + 8) * smollm2_engine.model.kv_bytes_per_token
+    engine = LocalEngine(EngineConfig(model="smollm2", kv_budget_mb=1.4 * one / 2**20))
     need = engine.prompt_tokens(probe) + 8
     assert need <= engine.kv_capacity_tokens < 2 * need
     seen = []

@@ -22,11 +22,21 @@ from ragserve.domain import LLMCall, ModelSpec
 logger = logging.getLogger(__name__)
 
 
-def pick_device_dtype() -> tuple[torch.device, torch.dtype]:
+def _cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX). Without them bf16 is emulated and ~3x
+    slower than fp32, so fp32 is the faster choice."""
+    check = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f is not None and f() for f in check)
+
+
+def pick_device_dtype(override: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA: bf16 (fp16 on older GPUs). CPU: bf16 where the CPU has native bf16, else fp32.
+    `override` ("bf16" | "fp16" | "fp32") wins, e.g. from RAGSERVE_DTYPE."""
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.device("cuda"), dtype
-    return torch.device("cpu"), torch.bfloat16   # AMX/AVX-512 bf16: 3-4x faster than fp32
+        return torch.device("cuda"), named.get(override or "", dtype)
+    return torch.device("cpu"), named.get(override or "", torch.bfloat16 if _cpu_has_bf16() else torch.float32)
 
 
 @dataclass
@@ -86,11 +96,11 @@ class BatchKV:
 class ModelRunner:
     """Owns the model and tokenizer; every torch op of the embedded engine lives here."""
 
-    def __init__(self, path: Path, name: str, threads: int | None = None) -> None:
+    def __init__(self, path: Path, name: str, threads: int | None = None, dtype: str | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
-        self.device, self.dtype = pick_device_dtype()
+        self.device, self.dtype = pick_device_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         cfg = self.model.config
