@@ -7,6 +7,14 @@
 | RAGSERVE_DATASETS  | <repo>/../shared/datasets     | evaluation datasets                     |
 | RAGSERVE_MODEL     | smollm2                       | default serving model                   |
 | RAGSERVE_THREADS   | (torch default)               | CPU threads for the embedded engine     |
+| RAGSERVE_DTYPE     | (auto)                        | bf16/fp16/fp32; auto = bf16 on GPUs and CPUs with native bf16, else fp32 |
+| RAGSERVE_API_KEYS  | (none)                        | comma-separated API keys of the HTTP server, added to server.api_keys |
+
+A config file is YAML (any suffix) or TOML (`.toml`); both hold the sections below, e.g.
+
+    server:                 # TOML: [server]
+      port: 8080
+      api_keys: [k1]
 """
 from __future__ import annotations
 
@@ -36,9 +44,22 @@ def default_model() -> str:
     return os.environ.get("RAGSERVE_MODEL", "smollm2")
 
 
+def dtype_override() -> str | None:
+    """RAGSERVE_DTYPE: bf16 | fp16 | fp32 for the embedded engine; unset = best for the device."""
+    value = os.environ.get("RAGSERVE_DTYPE") or None
+    if value not in (None, "bf16", "fp16", "fp32"):
+        raise ConfigError(f"RAGSERVE_DTYPE={value!r}; use bf16, fp16 or fp32")
+    return value
+
+
 def num_threads() -> int | None:
     value = os.environ.get("RAGSERVE_THREADS")
     return int(value) if value else None
+
+
+def api_keys_from_env() -> tuple[str, ...]:
+    """RAGSERVE_API_KEYS, comma-separated; blanks are ignored."""
+    return tuple(k.strip() for k in os.environ.get("RAGSERVE_API_KEYS", "").split(",") if k.strip())
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,8 @@ class VllmEndpoint:
     """Bearer token, when the server was started with --api-key."""
     lmcache_blend: bool = False
     """The server runs LMCache with blending: send chunks separated by blend_special_str."""
+    blend_special_str: str = " # # "
+    """LMCache's chunk separator; must equal the server's LMCACHE_BLEND_SPECIAL_STR."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,37 @@ class VllmConfig:
     """Per-request timeout."""
     max_retries: int = 3
     """Retries (with backoff) of a call that failed before any token arrived."""
+    retry_backoff_s: float = 0.25
+    """First retry delay; it doubles per retry (capped at 4 s), plus up to 25% jitter."""
+    retry_buffered: bool = True
+    """Re-run a generate() call whose connection broke after tokens arrived: none of them had
+    reached the caller (its text is returned whole). stream() calls are never retried once a
+    piece was yielded."""
+    connect_timeout_s: float = 5.0
+    """TCP connect timeout per request; a refused or silent endpoint fails over after it."""
+    scrape_timeout_s: float = 2.0
+    """Timeout of one /metrics or /health request."""
+    hf_config: str | None = None
+    """Hugging Face config.json (or its directory) of the served model, for the KV size per
+    token. Default: the /v1/models root when it is a local directory, else ragserve's
+    registry copy of a model of that name (e.g. smollm2)."""
+    num_layers: int | None = None
+    """Override of the served model's layer count (when no config.json is at hand)."""
+    num_kv_heads: int | None = None
+    """Override of the served model's KV head count."""
+    head_dim: int | None = None
+    """Override of the served model's head dimension."""
+    dtype_bytes: int | None = None
+    """Override of the KV cache's bytes per value (2 for fp16/bf16, 4 for fp32, 1 for fp8).
+    Default: from the server's explicit KV size when it reports one, else config.json's dtype."""
+
+    def __post_init__(self) -> None:
+        for name in ("scrape_interval_s", "max_staleness_s", "timeout_s", "connect_timeout_s", "scrape_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"vllm.{name}={getattr(self, name)} must be > 0")
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise ConfigError(f"vllm.max_retries={self.max_retries} and vllm.retry_backoff_s="
+                              f"{self.retry_backoff_s} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -183,6 +237,36 @@ class ServerConfig:
     """A query running longer is cancelled with 504."""
     max_body_bytes: int = 32 * 2**20
     """Request bodies above this get 413."""
+    max_ingest_queue: int = 4
+    """Ingest requests running or waiting for their collection beyond this get 503 + Retry-After."""
+    retry_after_s: float = 2.0
+    """Retry-After sent with a 503 (seconds, rounded up)."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM, in-flight requests get this long to finish before they are cut."""
+    max_connections: int = 1024
+    """Open connections beyond this are refused by uvicorn (a last guard against pile-ups)."""
+    access_log: bool = False
+    """Log one line per request (uvicorn's access log)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if any(not isinstance(k, str) or not k.strip() for k in self.api_keys):
+            raise ConfigError("server.api_keys must be non-empty strings")
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"server.port={self.port!r} must be an integer in [1, 65535]")
+        for name in ("max_queue", "max_body_bytes", "max_ingest_queue", "max_connections"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"server.{name}={value!r} must be an integer >= 1")
+        for name in ("request_timeout_s", "retry_after_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"server.{name}={value!r} must be a number > 0")
+
+    def with_env(self) -> "ServerConfig":
+        """These settings plus the keys of RAGSERVE_API_KEYS."""
+        extra = tuple(k for k in api_keys_from_env() if k not in self.api_keys)
+        return replace(self, api_keys=self.api_keys + extra) if extra else self
 
 
 def _coerce(section: str, key: str, value: Any) -> Any:
@@ -233,12 +317,29 @@ class Config:
     def load(cls, path: str | Path | None) -> "Config":
         if path is None:
             return cls()
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = _parse_file(p)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
         return cls.from_dict(raw)
+
+
+def _parse_file(path: Path) -> Any:
+    """A YAML file, or TOML when the name ends in .toml."""
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:   # Python 3.10
+            raise ConfigError(f"config file {str(path)!r}: TOML needs Python 3.11+; use YAML") from None
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None

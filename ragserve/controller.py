@@ -3,16 +3,22 @@
 query(question) -> retrieve -> decide the plan (given, or METIS: profile -> prune ->
 best-fit under the engine's free KV) -> run the plan's synthesis program on the engine
 (each yielded batch is one engine submission, so fan-outs batch) -> QueryResult.
+
+`query_stream` runs the same steps as events for the HTTP server: `Planned` once the plan
+is chosen, then the answer's text pieces as the final (answering) call decodes them, then
+the `QueryResult`. Cancelling the consumer cancels the engine calls and releases the plan's
+reservation.
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
-from ragserve.domain import LLMResult, QueryResult, RagPlan, RetrievedChunk, Timings
+from ragserve.domain import LLMResult, Method, QueryResult, RagPlan, RetrievedChunk, Timings
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
@@ -57,26 +63,77 @@ class ProgramRun:
     queue_s: float         # summed engine admission wait of the first batch
 
 
-async def run_program(engine: Engine, program: Program) -> ProgramRun:
-    """Drive a synthesis program: each yielded batch is one engine submission."""
+@dataclass(frozen=True)
+class Planned:
+    """First event of `Controller.query_stream`: the plan the query runs with."""
+
+    plan: RagPlan
+    chunks: tuple[RetrievedChunk, ...]   # the chunks the plan reads, best first
+    decision: dict[str, Any]             # profile/pruned/reason (METIS); {} for a given plan
+
+
+StreamEvent = Union[Planned, str, QueryResult]
+
+
+async def drive_program(engine: Engine, program: Program, stream_batch: int | None = None
+                        ) -> AsyncIterator[str | ProgramRun]:
+    """Drive a synthesis program: each yielded batch is one engine submission.
+
+    Yields the text pieces of batch number `stream_batch` as they decode (when that batch is
+    a single call and the engine can stream), then the `ProgramRun`.
+    """
     t0 = time.perf_counter()
     results: list[LLMResult] = []
     queue_s = 0.0
     batch_start, batch = t0, None
     try:
         calls = next(program)
+        index = 0
         while True:
             batch_start = time.perf_counter()
-            batch = await engine.generate(calls)
+            if index == stream_batch and len(calls) == 1 and hasattr(engine, "stream_result"):
+                pieces, future = await engine.stream_result(calls[0])
+                try:
+                    async with aclosing(pieces):
+                        async for piece in pieces:
+                            yield piece
+                    batch = [await future]
+                finally:
+                    future.cancel()   # no-op when done; stops decoding when the consumer left
+            else:
+                batch = await engine.generate(calls)
             if not results:
                 queue_s = max(r.queue_s for r in batch)
             results.extend(batch)
             calls = program.send(batch)
+            index += 1
     except StopIteration as stop:
         answer = stop.value
     assert batch is not None
     ttft_s = (batch_start - t0) + min(r.ttft_s for r in batch)
-    return ProgramRun(answer=answer.strip(), results=tuple(results), ttft_s=ttft_s, queue_s=queue_s)
+    yield ProgramRun(answer=answer.strip(), results=tuple(results), ttft_s=ttft_s, queue_s=queue_s)
+
+
+async def run_program(engine: Engine, program: Program) -> ProgramRun:
+    """Drive a synthesis program to its answer (see `drive_program`)."""
+    async with aclosing(drive_program(engine, program)) as steps:
+        async for step in steps:
+            run = step
+    assert isinstance(run, ProgramRun)
+    return run
+
+
+def answer_batch(plan: RagPlan, num_chunks: int) -> int | None:
+    """Index of the batch of `plan`'s program that holds the answering call, when that call
+    is alone in its batch (see ragserve.synthesis); None for map_rerank, which picks its
+    answer among a fan-out."""
+    if plan.method is Method.STUFF:
+        return 0
+    if plan.method is Method.MAP_REDUCE:
+        return 1
+    if plan.method is Method.REFINE:
+        return num_chunks - 1
+    return None
 
 
 def validate_question(question: str) -> str:
@@ -98,6 +155,23 @@ class Controller:
 
     async def query(self, question: str, collection: str, plan: RagPlan | None = None,
                     filters: dict[str, Any] | None = None, slo_s: float | None = None) -> QueryResult:
+        async with aclosing(self._run(question, collection, plan, filters, slo_s, stream=False)) as events:
+            async for event in events:
+                result = event
+        assert isinstance(result, QueryResult)
+        return result
+
+    def query_stream(self, question: str, collection: str, plan: RagPlan | None = None,
+                     filters: dict[str, Any] | None = None, slo_s: float | None = None
+                     ) -> AsyncIterator[StreamEvent]:
+        """`query` as events: `Planned`, then the answer's text pieces (streamed from the final
+        call; in one piece for map_rerank), then the `QueryResult`. Close it (aclosing) when
+        leaving early: that cancels its engine calls and releases the plan's reservation."""
+        return self._run(question, collection, plan, filters, slo_s, stream=True)
+
+    async def _run(self, question: str, collection: str, plan: RagPlan | None,
+                   filters: dict[str, Any] | None, slo_s: float | None, stream: bool
+                   ) -> AsyncIterator[StreamEvent]:
         t0 = time.perf_counter()
         question = validate_question(question)
         col = self.retriever.collection(collection)
@@ -113,21 +187,34 @@ class Controller:
             raise BadInput(f"no chunk of collection {collection!r} matches filters {filters!r}")
 
         decision = Decision(plan) if plan else await self.planner.decide(question, col, hits, slo_s)
+        streamed: list[str] = []
         try:
             used = hits[: decision.plan.num_chunks]
+            if stream:
+                yield Planned(decision.plan, tuple(used), decision.details or {})
             program = build_program(question, [h.chunk for h in used], decision.plan, self.config.synthesis)
             program_t = time.perf_counter()
-            run = await run_program(self.engine, program)
+            final = answer_batch(decision.plan, len(used)) if stream else None
+            async with aclosing(drive_program(self.engine, program, final)) as steps:
+                async for step in steps:
+                    if isinstance(step, str):
+                        streamed.append(step)
+                        yield step
+                    else:
+                        run = step
         finally:
             if self.planner and plan is None:
                 self.planner.done(decision)
+        sent = "".join(streamed).strip()
+        if stream and run.answer.startswith(sent) and len(run.answer) > len(sent):
+            yield run.answer[len(sent):]   # the whole answer (map_rerank), or what a stop string cut
         total_s = time.perf_counter() - t0
         timings = Timings(retrieve_s=retrieve_s, profile_s=decision.profile_s,
                           queue_s=decision.queue_s + run.queue_s, ttft_s=program_t - t0 + run.ttft_s,
                           total_s=total_s)
         logger.info("query plan=%s chunks=%d calls=%d ttft=%.2fs total=%.2fs", decision.plan, len(used),
                     len(run.results), timings.ttft_s, total_s)
-        return QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
-                           timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
-                           output_tokens=sum(r.output_tokens for r in run.results),
-                           num_calls=len(run.results), decision=decision.details or {})
+        yield QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
+                          timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
+                          output_tokens=sum(r.output_tokens for r in run.results),
+                          num_calls=len(run.results), decision=decision.details or {})

@@ -8,8 +8,8 @@ import torch; the embedding model loads on first use.
 """
 from ragserve.retrieval.chunking import Chunker, Document, load_documents
 from ragserve.retrieval.embeddings import Embedder
-from ragserve.retrieval.ingest import IngestReport, Retriever, ingest
+from ragserve.retrieval.ingest import IngestReport, Retriever, ingest, ingest_documents
 from ragserve.retrieval.store import AddResult, Collection, CollectionSpec, list_collections
 
 __all__ = ["AddResult", "Chunker", "Collection", "CollectionSpec", "Document", "Embedder",
-           "IngestReport", "Retriever", "ingest", "list_collections", "load_documents"]
+           "IngestReport", "Retriever", "ingest", "ingest_documents", "list_collections", "load_documents"]

@@ -1,4 +1,4 @@
-"""Ingest (path -> collection) and retrieval (question -> chunks).
+"""Ingest (path or documents -> collection) and retrieval (question -> chunks).
 
 Ingest: load documents -> chunk in the serving model's tokens -> drop what the collection
 already holds (by content hash) -> embed only the rest -> one atomic commit. Nothing is
@@ -11,12 +11,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ragserve.config import RetrievalConfig
 from ragserve.domain import RetrievedChunk
 from ragserve.errors import BadInput
-from ragserve.retrieval.chunking import Chunker, load_documents
+from ragserve.retrieval.chunking import Chunker, Document, load_documents
 from ragserve.retrieval.embeddings import Embedder
 from ragserve.retrieval.generations import read_current
 from ragserve.retrieval.store import Collection, CollectionSpec, content_hash, validate_name
@@ -32,6 +32,10 @@ class IngestReport:
     num_chunks_total: int   # chunks in the collection after ingest
     elapsed_s: float
     removed: int = 0        # stale chunks of edited documents that were replaced
+    collection: str = ""
+    document_ids: tuple[str, ...] = ()   # the input documents, in input order
+    chunk_ids: tuple[str, ...] = ()      # their chunks now stored (a chunk whose text another
+                                         # stored chunk already holds is not stored twice)
 
 
 def ingest(path: str | Path, collection_name: str, tokenizer: Any, embedder: Embedder,
@@ -42,11 +46,30 @@ def ingest(path: str | Path, collection_name: str, tokenizer: Any, embedder: Emb
     `Chunk.num_tokens` are in its tokens. Raises BadInput for bad input or a collection
     built with other settings; the stored collection is then untouched.
     """
+    validate_name(collection_name)
+    return ingest_documents(load_documents(path), collection_name, tokenizer, embedder, config,
+                            progress=progress, source=str(path))
+
+
+def ingest_documents(docs: Sequence[Document], collection_name: str, tokenizer: Any, embedder: Embedder,
+                     config: RetrievalConfig | None = None, progress: bool = False,
+                     source: str = "documents") -> IngestReport:
+    """Add `docs` to `collection_name` (see `ingest`); returns only after the atomic commit.
+
+    Document ids must be unique within `docs`; documents with only whitespace are dropped.
+    `source` names the input in logs.
+    """
     t0 = time.perf_counter()
     config = config or RetrievalConfig()
     validate_name(collection_name)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise BadInput(f"no documents with text in {source}; give at least one non-empty document")
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise BadInput(f"document id {dup!r} appears more than once in {source}; ids must be unique")
     chunker = Chunker(tokenizer, config.chunk_tokens, config.chunk_overlap_tokens)
-    docs = load_documents(path)
     chunks = chunker.split_documents(docs)
     spec = CollectionSpec(embedding_model=embedder.model_id, dim=embedder.dim, tokenizer=chunker.tokenizer_id,
                           chunk_tokens=config.chunk_tokens, chunk_overlap_tokens=config.chunk_overlap_tokens)
@@ -54,22 +77,24 @@ def ingest(path: str | Path, collection_name: str, tokenizer: Any, embedder: Emb
 
     # A stored chunk of an input document that the new chunking no longer produces
     # (same id and text) is stale: the document was edited since the last ingest.
-    input_docs = {d.id for d in docs}
+    input_docs = set(ids)
     new_pairs = {(c.id, content_hash(c.text)) for c in chunks}
     stale = [cid for cid, (doc_id, h) in col.chunk_hashes().items()
              if doc_id in input_docs and (cid, h) not in new_pairs]
     todo = col.new_chunks(chunks, remove_ids=stale)
     logger.info("ingest %s -> %s: %d documents, %d chunks, %d new, %d stale",
-                path, collection_name, len(docs), len(chunks), len(todo), len(stale))
+                source, collection_name, len(docs), len(chunks), len(todo), len(stale))
 
     vectors = embedder.encode([c.text for c in todo], batch_size=config.embed_batch_size, progress=progress)
     result = col.add(todo, vectors, remove_ids=stale)
     elapsed_s = time.perf_counter() - t0
     logger.info("ingested into %s: +%d chunks (%d skipped, %d replaced) in %.1fs, %d chunks total",
                 collection_name, result.added, len(chunks) - result.added, result.removed, elapsed_s, len(col))
+    stored = col.chunk_hashes()
     return IngestReport(added=result.added, skipped=len(chunks) - result.added,
                         num_documents=len(docs), num_chunks_total=len(col), elapsed_s=elapsed_s,
-                        removed=result.removed)
+                        removed=result.removed, collection=collection_name, document_ids=tuple(ids),
+                        chunk_ids=tuple(c.id for c in chunks if c.id in stored))
 
 
 class Retriever:

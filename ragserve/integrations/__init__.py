@@ -1,0 +1,1 @@
+"""Adapters for other frameworks. `ragserve.integrations.langchain` needs langchain-core."""

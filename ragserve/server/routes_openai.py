@@ -1,0 +1,112 @@
+"""OpenAI-compatible chat completions over a collection (works with the openai client and
+LangChain's ChatOpenAI, streaming included).
+
+The last user message is the question. The collection comes from the model name
+(`rag:NAME`) or the `X-RAG-Collection` header. ragserve extensions go in the request body
+(`plan`, `slo_ms`: the openai client's `extra_body`) and come back under the top-level
+`ragserve` key (plan, profile, chunks, timings). GET /v1/models lists `rag:NAME` for every
+collection.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Header, Request
+
+from ragserve.controller import MAX_QUERY_CHARS
+from ragserve.domain import QueryResult
+from ragserve.errors import BadInput, RagServeError
+from ragserve.retrieval.store import list_collections, validate_name
+from ragserve.server.deps import QueryAuth, StateDep
+from ragserve.server.errors import describe
+from ragserve.server.querying import QueryArgs, open_stream, run_query, sse
+from ragserve.server.routes_query import EventStream
+from ragserve.server.schemas import ChatCompletionRequest, planned_event, query_response, to_plan
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+MODEL_PREFIX = "rag:"
+
+
+def _collection(model: str, header: str | None) -> str:
+    if model.startswith(MODEL_PREFIX):
+        name = model[len(MODEL_PREFIX):]
+    elif header:
+        name = header
+    else:
+        raise BadInput(f"model {model!r} names no collection: use model 'rag:<collection>' "
+                       "or send the X-RAG-Collection header")
+    return validate_name(name)
+
+
+def _question(body: ChatCompletionRequest) -> str:
+    users = [m for m in body.messages if m.role == "user"]
+    if not users:
+        raise BadInput("messages hold no user message; the last user message is the question")
+    question = users[-1].text()
+    if not question.strip():
+        raise BadInput("the last user message has no text")
+    if len(question) > MAX_QUERY_CHARS:
+        raise BadInput(f"the last user message is {len(question)} characters, above the limit of "
+                       f"{MAX_QUERY_CHARS}")
+    return question
+
+
+def _usage(result: QueryResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.output_tokens,
+            "total_tokens": result.prompt_tokens + result.output_tokens}
+
+
+@router.post("/chat/completions", dependencies=[QueryAuth],
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "chat.completion, or chat.completion.chunk events with stream: true"}})
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep,
+                           x_rag_collection: Annotated[str | None, Header(max_length=64)] = None):
+    args = QueryArgs(_question(body), _collection(body.model, x_rag_collection), to_plan(body.plan),
+                     None, body.slo_ms / 1000 if body.slo_ms else None,
+                     body.timeout_ms / 1000 if body.timeout_ms else None)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if not body.stream:
+        result = await run_query(state, request, args)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": _usage(result), "ragserve": query_response(result)}
+
+    stream = await open_stream(state, request, args)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                      "logprobs": None}], **extra})
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""}, ragserve={"event": "plan", **planned_event(stream.planned)})
+        try:
+            async for event in stream.events():
+                if isinstance(event, QueryResult):
+                    yield chunk({}, "stop", ragserve={"event": "done", **query_response(event)})
+                    if include_usage:
+                        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": body.model, "choices": [], "usage": _usage(event)})
+                else:
+                    yield chunk({"content": event})
+        except Exception as exc:   # the status line is sent: report in the stream
+            logger.warning("stream of /v1/chat/completions failed: %s", exc, exc_info=not isinstance(exc, RagServeError))
+            _, error, _ = describe(exc)
+            yield sse(error)
+        yield sse("[DONE]")
+
+    return EventStream(events(), stream.close)
+
+
+@router.get("/models", dependencies=[QueryAuth])
+async def models() -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": MODEL_PREFIX + name, "object": "model", "created": 0,
+                                        "owned_by": "ragserve"} for name in list_collections()]}
