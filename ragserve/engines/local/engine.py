@@ -15,13 +15,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
-from ragserve.config import EngineConfig, num_threads
+from ragserve.config import BlendConfig, EngineConfig, data_dir, dtype_override, num_threads
 from ragserve.domain import EngineStats, LLMCall, LLMResult, ModelSpec
 from ragserve.errors import BadInput, EngineDead
+from ragserve.engines.local.blend import Blender, BlendUnsupported, as_batch, kv_spec
+from ragserve.engines.local.kv_store import KVStore, model_fingerprint
 from ragserve.engines.local.models import model_dir
 from ragserve.engines.local.runner import BatchKV, ModelRunner
+from ragserve.engines.local.segments import SegmentedPrompt, segment_call
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish: str = ""
+    segments: SegmentedPrompt | None = None   # CacheBlend: set when this call is prefilled by blending
 
     @property
     def reserve(self) -> int:
@@ -49,9 +53,15 @@ class _Request:
 class LocalEngine:
     """Implements `ragserve.engines.base.Engine` in-process."""
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, blend: BlendConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads())
+        self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads(), dtype_override())
+        # -- CacheBlend (issue 4) --------------------------------------------------------
+        self.blend_config = blend or BlendConfig()
+        self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
+                               "prefill_token_equiv": 0.0, "fallbacks": 0}
+        self.blender = self._make_blender() if self.blend_config.enabled else None
+        # -- end CacheBlend ----------------------------------------------------------------
         self.model: ModelSpec = self.runner.spec
         self.tokenizer = self.runner.tokenizer
         self.kv_capacity_tokens = int(self.config.kv_budget_mb * 2**20 // self.model.kv_bytes_per_token)
@@ -104,6 +114,8 @@ class LocalEngine:
             self._stopped = True
             self._cond.notify_all()
         await asyncio.to_thread(self._thread.join, 10)
+        if self.blender is not None:   # CacheBlend: let queued KV writes land
+            await asyncio.to_thread(self.blender.store.close)
 
     # -- submission (caller's thread) -----------------------------------------------
     def _make_request(self, call: LLMCall, streaming: bool = False) -> _Request:
@@ -113,6 +125,8 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         request = _Request(call, prompt, loop, loop.create_future(),
                            asyncio.Queue() if streaming else None)
+        if self.blender is not None:
+            request.segments = self._blend_segments(call, prompt)
         limit = min(self.kv_capacity_tokens, self.config.max_context_tokens)
         if request.reserve > limit:
             raise BadInput(f"call needs {len(prompt)} prompt + {call.max_tokens} output tokens = "
@@ -167,11 +181,62 @@ class LocalEngine:
         return admitted
 
     def _prefill(self, admitted: list[_Request]) -> None:
-        kv, logits = self.runner.prefill([r.prompt for r in admitted])
+        plain = [r for r in admitted if r.segments is None]
+        if plain:
+            kv, logits = self.runner.prefill([r.prompt for r in plain])
+            self._join(plain, kv, logits)
+        for r in admitted:
+            if r.segments is not None:
+                self._join([r], *self._prefill_blended(r))
+
+    def _join(self, rows: list[_Request], kv: BatchKV, logits) -> None:
         with self._cond:
             self._kv = BatchKV.merge(self._kv, kv)
-            self._running.extend(admitted)
-        self._emit(admitted, logits)
+            self._running.extend(rows)
+        self._emit(rows, logits)
+
+    # -- CacheBlend (issue 4) -----------------------------------------------------------
+    def _make_blender(self) -> Blender | None:
+        model = self.runner.model
+        model_id = model_fingerprint(model_dir(self.config.model), self.config.model, self.runner.dtype)
+        store = KVStore(data_dir() / "kv", kv_spec(model, model_id),
+                        ram_budget_bytes=int(self.blend_config.ram_budget_mb * 2**20))
+        try:
+            return Blender(model, store)
+        except BlendUnsupported as exc:
+            logger.warning("blending disabled: %s", exc)
+            store.close()
+            return None
+
+    def _blend_segments(self, call: LLMCall, prompt: list[int]) -> SegmentedPrompt | None:
+        """The call's segments when it should be blended, else None (prefilled normally)."""
+        segments = segment_call(self.tokenizer, call)
+        if segments is None or segments.num_chunk_tokens < self.blend_config.min_tokens:
+            return None
+        if list(segments.token_ids) != prompt:   # never blend a prompt other than the call's
+            logger.warning("blend: segmented prompt differs from the chat template's; prefilling normally")
+            return None
+        return segments
+
+    def _prefill_blended(self, r: _Request) -> tuple[BatchKV, Any]:
+        assert self.blender is not None and r.segments is not None
+        try:
+            result = self.blender.blend(r.segments, self.blend_config)
+        except Exception:   # a bad store entry or model quirk must not fail the call
+            logger.exception("blend failed; prefilling normally")
+            self.blend_counters["fallbacks"] += 1
+            return self.runner.prefill([r.prompt])
+        c = self.blend_counters
+        c["blended_calls"] += 1
+        c["reused_tokens"] += result.num_reused
+        c["recomputed_tokens"] += result.num_recomputed
+        c["prefill_token_equiv"] += result.compute_fraction * result.num_tokens
+        logger.info("blend %s: %d tokens, %d reused (%d ram, %d disk, %d computed), %d recomputed, "
+                    "%.0f%% of a prefill's work", r.call.tag or "call", result.num_tokens, result.num_reused,
+                    result.gather.num_ram, result.gather.num_disk, result.gather.num_computed,
+                    result.num_recomputed, 100 * result.compute_fraction)
+        return as_batch(result)
+    # -- end CacheBlend ------------------------------------------------------------------
 
     def _decode(self) -> None:
         assert self._kv is not None

@@ -1,0 +1,312 @@
+"""Chunk KV store for CacheBlend: per-segment KV, reusable at any position in a prompt.
+
+Who owns what: `Blender` (blend.py) decides what to store and computes missing entries;
+this module only keeps tensors. An entry is keyed by `segment_key(model_id, context,
+token_ids)`: a hash of the model, the tokens the segment was computed after (its
+`context`: the prompt prefix for a chunk, nothing for the prefix itself) and the segment's
+own token ids. It is not a prefix chain: the same chunk hits wherever it lands in a prompt.
+
+Layout ("pre_rope"): keys are stored *before* rotary embedding, so a hit is rotated to
+its new positions at blend time (CacheBlend's re-alignment, exact up to rounding).
+Values need no change. Tensors are [num_layers, num_kv_heads, num_tokens, head_dim].
+
+Tiers:
+    RAM   an LRU over entries, bounded by bytes (`ram_budget_bytes`).
+    disk  `<root>/<model_id>/<key[:2]>/<key>.safetensors`, written *behind*: `put` returns
+          at once and a background thread writes the file (tmp + fsync + os.replace, so a
+          crash never leaves a partial file under the final name). An entry evicted from
+          RAM before its write completes is still written: the queue holds a reference.
+A disk entry carries metadata (model id, dtype, layout, shape, token-id hash, CRC32 of the
+tensor bytes) that is checked on every load. A truncated, corrupt or mismatching file is
+logged at WARNING, deleted and reported as a miss; the caller recomputes and re-stores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = "pre_rope"
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What every entry of one store must match (one store per model and dtype)."""
+
+    model_id: str        # names the weights: registry name + source checksum (see model_fingerprint)
+    dtype: torch.dtype
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class ChunkKV:
+    """KV of one segment, computed alone (after its context tokens) at positions from 0."""
+
+    keys: torch.Tensor     # [L, H_kv, n, D], pre-RoPE
+    values: torch.Tensor   # [L, H_kv, n, D]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+@dataclass
+class StoreStats:
+    ram_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    corrupt: int = 0        # disk entries rejected (and deleted) on load
+    writes: int = 0
+    disk_read_s: float = 0.0
+
+
+def model_fingerprint(model_path: Path, name: str, dtype: torch.dtype) -> str:
+    """A filesystem-safe model id that changes whenever the weights or the dtype do."""
+    h = hashlib.sha256()
+    marker = model_path / "ragserve-source.json"   # written by models.model_dir: sha256 of the source
+    for p in (marker, model_path / "config.json"):
+        if p.is_file():
+            h.update(p.read_bytes())
+    h.update(str(dtype).encode())
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
+def segment_key(model_id: str, context: Sequence[int], token_ids: Sequence[int]) -> str:
+    """Content hash of one segment: the model, the tokens it was computed after, its tokens."""
+    h = hashlib.sha256(model_id.encode())
+    h.update(struct.pack(f"<I{len(context)}I", len(context), *context))
+    h.update(struct.pack(f"<{len(token_ids)}I", *token_ids))
+    return h.hexdigest()
+
+
+def _crc(*tensors: torch.Tensor) -> int:
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(memoryview(t.contiguous().view(torch.uint8).numpy()), crc)
+    return crc
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (8-byte length, then a JSON header)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} exceeds file size {len(data)}")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+class KVStore:
+    """Two-tier (RAM LRU + disk) store of `ChunkKV`s for one model. Thread-safe."""
+
+    def __init__(self, root: Path, spec: KVSpec, ram_budget_bytes: int = 1 << 30,
+                 write_behind: bool = True) -> None:
+        self.spec = spec
+        self.dir = Path(root) / spec.model_id
+        self.ram_budget_bytes = ram_budget_bytes
+        self.stats = StoreStats()
+        self._ram: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._ram_bytes = 0
+        self._lock = threading.Lock()
+        self._pending: dict[str, ChunkKV] = {}   # queued for the disk writer (still readable)
+        self._queue: queue.Queue[tuple[str, ChunkKV] | None] | None = None
+        self._writer: threading.Thread | None = None
+        if write_behind:
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, name="ragserve-kv-writer", daemon=True)
+            self._writer.start()
+
+    # -- public API -------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str, num_tokens: int | None = None) -> ChunkKV | None:
+        """RAM, then disk (verified, then promoted to RAM). None on a miss.
+
+        `num_tokens`, when given, must match the entry (a stale or foreign file is a miss).
+        """
+        return self.lookup(key, num_tokens)[0]
+
+    def lookup(self, key: str, num_tokens: int | None = None) -> tuple[ChunkKV | None, str]:
+        """`get` that also says where the entry came from: "ram" | "disk" | "miss"."""
+        with self._lock:
+            kv = self._ram.get(key)
+            if kv is not None:
+                self._ram.move_to_end(key)
+                self.stats.ram_hits += 1
+                return kv, "ram"
+            kv = self._pending.get(key)   # evicted before its write landed
+            if kv is not None:
+                self._insert(key, kv)
+                self.stats.ram_hits += 1
+                return kv, "ram"
+        kv = self._read(key, num_tokens)
+        with self._lock:
+            if kv is None:
+                self.stats.misses += 1
+                return None, "miss"
+            self.stats.disk_hits += 1
+            self._insert(key, kv)
+        return kv, "disk"
+
+    def put(self, key: str, kv: ChunkKV) -> None:
+        """Insert into RAM and write to disk (behind, unless write_behind=False)."""
+        self._check(kv)
+        with self._lock:
+            self._insert(key, kv)
+            if self._queue is not None:
+                if key in self._pending:
+                    return
+                self._pending[key] = kv
+        if self._queue is not None:
+            self._queue.put((key, kv))
+        else:
+            self._write(key, kv)
+
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            if key in self._ram or key in self._pending:
+                return True
+        return self.path(key).is_file()
+
+    def drop_ram(self) -> None:
+        """Empty the RAM tier (benchmarks: measure loads from disk). Pending writes still land."""
+        with self._lock:
+            self._ram.clear()
+            self._ram_bytes = 0
+
+    @property
+    def ram_bytes(self) -> int:
+        return self._ram_bytes
+
+    def flush(self) -> None:
+        """Block until every queued disk write has finished."""
+        if self._queue is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._queue is not None and self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(30)
+            self._queue = None
+
+    # -- RAM tier -----------------------------------------------------------------------
+    def _insert(self, key: str, kv: ChunkKV) -> None:
+        """Add as most recent and evict least recent past the byte budget (lock held)."""
+        old = self._ram.pop(key, None)
+        if old is not None:
+            self._ram_bytes -= old.nbytes
+        self._ram[key] = kv
+        self._ram_bytes += kv.nbytes
+        while self._ram_bytes > self.ram_budget_bytes and len(self._ram) > 1:
+            _, evicted = self._ram.popitem(last=False)
+            self._ram_bytes -= evicted.nbytes
+
+    def _check(self, kv: ChunkKV) -> None:
+        s = self.spec
+        want = (s.num_layers, s.num_kv_heads, kv.num_tokens, s.head_dim)
+        if tuple(kv.keys.shape) != want or tuple(kv.values.shape) != want:
+            raise ValueError(f"KV shapes {tuple(kv.keys.shape)}/{tuple(kv.values.shape)} do not match "
+                             f"the store's model {s.model_id}: expected {want}")
+        if kv.keys.dtype != s.dtype or kv.values.dtype != s.dtype:
+            raise ValueError(f"KV dtype {kv.keys.dtype} does not match the store's {s.dtype}")
+
+    # -- disk tier ----------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        assert self._queue is not None
+        q = self._queue
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                key, kv = item
+                try:
+                    self._write(key, kv)
+                except Exception:  # a full disk must not kill serving: the entry stays in RAM
+                    logger.exception("KV store: writing %s failed", self.path(key))
+                finally:
+                    with self._lock:
+                        self._pending.pop(key, None)
+            finally:
+                q.task_done()
+
+    def _write(self, key: str, kv: ChunkKV) -> None:
+        path = self.path(key)
+        if path.is_file():
+            return
+        keys, values = kv.keys.contiguous().cpu(), kv.values.contiguous().cpu()
+        meta = {"format": FORMAT_VERSION, "model_id": self.spec.model_id, "dtype": str(keys.dtype),
+                "layout": LAYOUT, "num_layers": str(keys.shape[0]), "num_kv_heads": str(keys.shape[1]),
+                "num_tokens": str(keys.shape[2]), "head_dim": str(keys.shape[3]), "key": key,
+                "crc32": str(_crc(keys, values))}
+        data = st_save({"keys": keys, "values": values}, metadata=meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.stats.writes += 1
+
+    def _read(self, key: str, num_tokens: int | None) -> ChunkKV | None:
+        path = self.path(key)
+        t0 = time.perf_counter()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            kv = self._decode(key, data, num_tokens)
+        except Exception as exc:
+            logger.warning("KV store: rejecting %s (%s); deleting it, the segment will be recomputed",
+                           path, exc)
+            with self._lock:
+                self.stats.corrupt += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.stats.disk_read_s += time.perf_counter() - t0
+        return kv
+
+    def _decode(self, key: str, data: bytes, num_tokens: int | None) -> ChunkKV:
+        meta = _header_metadata(data)
+        tensors = st_load(data)   # raises on a truncated or malformed file
+        keys, values = tensors["keys"], tensors["values"]
+        s = self.spec
+        expect = {"format": FORMAT_VERSION, "model_id": s.model_id, "dtype": str(s.dtype),
+                  "layout": LAYOUT, "key": key}
+        for name, want in expect.items():
+            if meta.get(name) != want:
+                raise ValueError(f"metadata {name}={meta.get(name)!r}, expected {want!r}")
+        n = int(meta["num_tokens"])
+        if num_tokens is not None and n != num_tokens:
+            raise ValueError(f"{n} tokens stored, {num_tokens} expected")
+        shape = (s.num_layers, s.num_kv_heads, n, s.head_dim)
+        if tuple(keys.shape) != shape or tuple(values.shape) != shape:
+            raise ValueError(f"shape {tuple(keys.shape)}, expected {shape}")
+        if _crc(keys, values) != int(meta["crc32"]):
+            raise ValueError("checksum mismatch")
+        return ChunkKV(keys, values)
+
