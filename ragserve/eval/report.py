@@ -1,0 +1,319 @@
+"""Evaluation reports: per-system summaries, headline comparisons, JSON + markdown + PNG.
+
+`summarize` turns per-query rows (ragserve.eval.runner) into one summary per system;
+`headline` compares metis with the baselines the way METIS §7 does (best fixed plan,
+fixed plan at similar delay, AdaptiveRAG*); `pareto_frontier` finds the systems no other
+beats on both quality and mean latency. `write_eval_report` writes, under the output dir:
+
+    report.json   meta (exact command, git commit, versions, settings) + summaries + headline
+    rows.jsonl    one line per (system, query)
+    report.md     the same as tables
+    quality_vs_latency.png   primary quality vs mean latency, one point per system/plan,
+                             Pareto frontier drawn (and f1_vs_latency.png when the primary
+                             metric is not F1)
+
+Pure except the writers at the bottom; matplotlib is imported only there (Agg backend).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+QUALITY_KEYS = ("quality", "f1", "em", "rouge_l", "numeric")
+TIME_KEYS = ("total_s", "ttft_s", "queue_s", "profile_s")
+METRIC_LABELS = {"f1": "F1", "rouge_l": "ROUGE-L", "numeric_or_f1": "numeric match (else F1)",
+                 "quality": "quality", "em": "EM", "numeric": "numeric match"}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]; nan when empty."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _r(x: float, digits: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Summary of one system's rows. Failed queries count as quality 0; times are over the
+    queries that answered."""
+    ok = [r for r in rows if not r.get("error")]
+    out: dict[str, Any] = {"num": len(rows), "num_errors": len(rows) - len(ok)}
+    for key in QUALITY_KEYS:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[key] = _r(_mean(values))
+    for key in TIME_KEYS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        out[key] = {"mean": _r(_mean(values)), "p50": _r(percentile(values, 50)),
+                    "p95": _r(percentile(values, 95))}
+    if ok:
+        span = max(r["finish_s"] for r in ok) - min(r["arrival_s"] for r in rows)
+        out["throughput_qps"] = _r(len(ok) / span) if span > 0 else None
+        out["prompt_tokens_mean"] = _r(_mean([r["prompt_tokens"] for r in ok]), 1)
+        out["output_tokens_mean"] = _r(_mean([r["output_tokens"] for r in ok]), 1)
+        out["plans"] = dict(Counter(r["plan"] for r in ok).most_common())
+        out["methods"] = dict(Counter(r["method"] for r in ok).most_common())
+        reasons = Counter(r.get("reason") for r in ok if r.get("reason"))
+        if reasons:
+            out["reasons"] = dict(reasons)
+    else:
+        out["throughput_qps"] = None
+    return out
+
+
+def pareto_frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, latency, quality) points no other point dominates (latency <=
+    and quality >=, one of them strictly), ordered by latency."""
+    pts = [(n, lat, q) for n, lat, q in points if lat is not None and q is not None
+           and not math.isnan(lat) and not math.isnan(q)]
+    front = [(n, lat, q) for n, lat, q in pts
+             if not any((l2 <= lat and q2 >= q) and (l2 < lat or q2 > q) for _, l2, q2 in pts)]
+    return [n for n, _, _ in sorted(front, key=lambda p: (p[1], -p[2]))]
+
+
+def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> dict[str, Any]:
+    """METIS §7's comparisons, by `metric` and mean latency (absent systems are skipped)."""
+    def lat(name: str) -> float:
+        return summaries[name]["total_s"]["mean"]
+
+    def qual(name: str) -> float:
+        return summaries[name][metric]
+
+    out: dict[str, Any] = {"metric": metric}
+    fixed = [n for n in summaries if n.startswith("fixed:") and lat(n) is not None]
+    if fixed:
+        best = max(fixed, key=lambda n: (qual(n), -lat(n)))
+        out["best_fixed"] = {"system": best, metric: qual(best), "mean_latency_s": lat(best)}
+    for name in ("metis", "metis+blend"):
+        if name not in summaries or lat(name) is None:
+            continue
+        entry: dict[str, Any] = {metric: qual(name), "mean_latency_s": lat(name)}
+        if fixed:
+            near = min(fixed, key=lambda n: abs(lat(n) - lat(name)))
+            entry["fixed_at_similar_latency"] = {"system": near, metric: qual(near), "mean_latency_s": lat(near),
+                                                 "quality_gain": _r(qual(name) - qual(near))}
+            entry["vs_best_fixed"] = {"quality_gain": _r(qual(name) - qual(out["best_fixed"]["system"])),
+                                      "latency_speedup": _r(lat(out["best_fixed"]["system"]) / lat(name), 3)}
+        if "adaptive" in summaries and lat("adaptive") is not None:
+            entry["vs_adaptive"] = {"quality_gain": _r(qual(name) - qual("adaptive")),
+                                    "latency_speedup": _r(lat("adaptive") / lat(name), 3)}
+        out[name] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------- environment
+
+def environment() -> dict[str, Any]:
+    """Git commit (and whether the tree had changes), package versions, machine."""
+    import importlib.metadata as md
+    import os
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("ragserve", "torch", "transformers", "sentence-transformers", "faiss-cpu", "numpy",
+                 "scikit-learn", "matplotlib", "vllm"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    status = git("status", "--porcelain")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None,
+            "versions": versions, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+
+
+# ---------------------------------------------------------------------------- writers
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _speed(x: float | None) -> str:
+    """A latency ratio (baseline / system) in words."""
+    if x is None:
+        return "–"
+    return f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.2f}x slower"
+
+
+def markdown_table(summaries: dict[str, dict[str, Any]], frontier: Sequence[str]) -> str:
+    head = ("| system | n | err | quality | F1 | EM | ROUGE-L | numeric | mean s | p50 s | p95 s | "
+            "TTFT s | queue s | profile s | q/s | prompt tok | Pareto |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in summaries.items():
+        t = s["total_s"]
+        lines.append("| " + " | ".join([
+            f"`{name}`", str(s["num"]), str(s["num_errors"]), _fmt(s["quality"]), _fmt(s["f1"]), _fmt(s["em"]),
+            _fmt(s["rouge_l"]), _fmt(s["numeric"]), _fmt(t["mean"], 2), _fmt(t["p50"], 2), _fmt(t["p95"], 2),
+            _fmt(s["ttft_s"]["mean"], 2), _fmt(s["queue_s"]["mean"], 2), _fmt(s["profile_s"]["mean"], 2),
+            _fmt(s.get("throughput_qps")), _fmt(s.get("prompt_tokens_mean"), 0),
+            "★" if name in frontier else ""]) + " |")
+    return "\n".join(lines)
+
+
+def plot_quality_latency(path: Path, summaries: dict[str, dict[str, Any]], metric: str, title: str,
+                         extra_points: dict[str, tuple[float, float]] | None = None,
+                         metric_label: str | None = None) -> None:
+    """One point per system (mean latency, mean `metric`), the Pareto frontier as a step line
+    (its points edged in black). `extra_points` (name -> (latency, quality)) are drawn as
+    stars (e.g. the per-query best plans)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(n, s["total_s"]["mean"], s[metric]) for n, s in summaries.items()
+           if s["total_s"]["mean"] is not None and s.get(metric) is not None]
+    pts += [(n, lat, q) for n, (lat, q) in (extra_points or {}).items()]
+    frontier = pareto_frontier(pts)
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    styles = {"adaptive": ("s", "tab:orange", "adaptive (AdaptiveRAG*)"), "metis": ("D", "tab:red", "metis"),
+              "metis+blend": ("P", "tab:purple", "metis + CacheBlend")}
+    labelled: set[str] = set()
+    xr = (max(p[1] for p in pts) - min(p[1] for p in pts)) or 1.0 if pts else 1.0
+    yr = (max(p[2] for p in pts) - min(p[2] for p in pts)) or 1.0 if pts else 1.0
+    for i, (name, lat, q) in enumerate(pts):
+        if extra_points and name in extra_points:
+            marker, color, kind = "*", "tab:green", name
+        else:
+            marker, color, kind = styles.get(name, ("o", "tab:blue", "fixed plan"))
+        ax.scatter([lat], [q], marker=marker, color=color, s=90 if marker != "o" else 50, zorder=3,
+                   edgecolors="black" if name in frontier else "none", linewidths=1.2,
+                   label=None if kind in labelled else kind)
+        labelled.add(kind)
+        label = name[len("fixed:"):] if name.startswith("fixed:") else name
+        near = sum(1 for _, l2, q2 in pts[:i] if abs(l2 - lat) < 0.12 * xr and abs(q2 - q) < 0.06 * yr)
+        ax.annotate(label, (lat, q), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize=8)
+    if frontier:
+        by_name = {n: (lat, q) for n, lat, q in pts}
+        xs = [by_name[n][0] for n in frontier]
+        ys = [by_name[n][1] for n in frontier]
+        ax.step(xs, ys, where="post", color="gray", linestyle="--", linewidth=1, zorder=1,
+                label="Pareto frontier")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("mean latency per query (s)")
+    ax.set_ylabel(f"mean {metric_label or METRIC_LABELS.get(metric, metric)}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+    tmp.replace(path)
+
+
+def build_report(meta: dict[str, Any], rows_by_system: dict[str, list[dict[str, Any]]],
+                 unavailable: dict[str, str] | None = None,
+                 extra: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    summaries = {name: summarize(rows) for name, rows in rows_by_system.items()}
+    for name, more in (extra or {}).items():
+        if name in summaries and more:
+            summaries[name].update(more)
+    frontier = pareto_frontier((n, s["total_s"]["mean"], s["quality"]) for n, s in summaries.items())
+    return {"format_version": 1, "meta": {**meta, **environment()}, "systems": summaries,
+            "pareto_frontier": frontier, "headline": headline(summaries, "quality"),
+            "headline_f1": headline(summaries, "f1"), "unavailable": unavailable or {}}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    meta = report["meta"]
+    metric = METRIC_LABELS.get(meta.get("quality_metric", "f1"), meta.get("quality_metric"))
+    lines = [f"# ragserve eval: {meta.get('dataset')} / {meta.get('model')} ({meta.get('engine')})", "",
+             f"- command: `{meta.get('command')}`",
+             f"- git: `{meta.get('git_commit')}`{' (uncommitted changes)' if meta.get('git_dirty') else ''}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
+             f"- machine: {meta.get('platform')}, {meta.get('cpu_count')} CPUs",
+             f"- workload: {meta.get('num')} queries, Poisson arrivals at {_fmt(meta.get('rate_qps'))} q/s "
+             f"(seed {meta.get('seed')}); collection `{meta.get('collection')}` "
+             f"({meta.get('corpus', {}).get('chunks')} chunks{', corpus SUBSET' if meta.get('corpus', {}).get('subset') else ''})",
+             f"- quality = {metric}; latency = launch at arrival -> answer (includes queueing)", ""]
+    lines += ["## Systems", "", markdown_table(report["systems"], report["pareto_frontier"]), ""]
+    h = report["headline"]
+    lines += ["## Headline", ""]
+    if "best_fixed" in h:
+        b = h["best_fixed"]
+        lines.append(f"- best fixed plan: `{b['system']}` quality {_fmt(b['quality'])}, "
+                     f"{_fmt(b['mean_latency_s'], 2)} s")
+    for name in ("metis", "metis+blend"):
+        e = h.get(name)
+        if not e:
+            continue
+        lines.append(f"- {name}: quality {_fmt(e['quality'])}, {_fmt(e['mean_latency_s'], 2)} s")
+        if "fixed_at_similar_latency" in e:
+            f = e["fixed_at_similar_latency"]
+            lines.append(f"  - vs fixed at similar latency `{f['system']}` ({_fmt(f['mean_latency_s'], 2)} s): "
+                         f"quality {_fmt(f['quality_gain'], 3)} (absolute)")
+            v = e["vs_best_fixed"]
+            lines.append(f"  - vs best fixed: quality {_fmt(v['quality_gain'], 3)}, {_speed(v['latency_speedup'])}")
+        if "vs_adaptive" in e:
+            v = e["vs_adaptive"]
+            lines.append(f"  - vs adaptive (AdaptiveRAG*): quality {_fmt(v['quality_gain'], 3)}, "
+                         f"{_speed(v['latency_speedup'])}")
+    for name, why in report.get("unavailable", {}).items():
+        lines.append(f"- `{name}`: {why}")
+    lines += ["", "Plots: `quality_vs_latency.png`" +
+              (", `f1_vs_latency.png`" if meta.get("quality_metric", "f1") != "f1" else ""), ""]
+    return "\n".join(lines)
+
+
+def write_eval_report(out: Path, meta: dict[str, Any], runs: Sequence[Any],
+                      unavailable: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write report.json, rows.jsonl, report.md and the plots under `out`; return the report."""
+    out = Path(out)
+    rows_by_system = {run.system.name: run.rows for run in runs}
+    extra = {run.system.name: {**run.extra, "wall_s": round(run.wall_s, 2)} for run in runs}
+    report = build_report(meta, rows_by_system, unavailable, extra)
+    write_json(out / "report.json", report)
+    write_jsonl(out / "rows.jsonl", (row for run in runs for row in run.rows))
+    title = f"{meta.get('dataset')} / {meta.get('model')}: {meta.get('num')} queries at {_fmt(meta.get('rate_qps'), 2)} q/s"
+    if report["systems"]:
+        primary = METRIC_LABELS.get(meta.get("quality_metric", "f1"), "quality")
+        plot_quality_latency(out / "quality_vs_latency.png", report["systems"], "quality", title,
+                             metric_label=primary)
+        if meta.get("quality_metric", "f1") != "f1":
+            plot_quality_latency(out / "f1_vs_latency.png", report["systems"], "f1", title)
+    (out / "report.md").write_text(render_markdown(report))
+    return report

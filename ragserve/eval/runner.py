@@ -1,0 +1,284 @@
+"""`ragserve eval`: replay one Poisson workload against each system and record every query.
+
+Flow: sample the workload (seeded) -> ingest the dataset's collection once -> for each
+engine variant (plain; blend for metis+blend) build the runtime without a planner ->
+optionally measure the rate (`rate="auto"`) -> per system: a Controller with that
+system's planner, each query launched at its arrival time (`run_system`), one row per
+query -> report (ragserve.eval.report).
+
+Rows are plain dicts (they are written as JSON lines): id, system, plan, answer, the
+quality metrics, total_s (launch -> answer, so it includes scheduler and engine queueing),
+ttft_s, queue_s, profile_s, retrieve_s, tokens, decision reason and profile, error.
+A query that fails keeps its row with `error` set and quality 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ragserve.config import Config
+from ragserve.domain import Method, QueryResult, RagPlan
+from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_collection, get_spec,
+                                    load_questions, query_filters, score)
+from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
+from ragserve.eval.workload import Workload, make_workload
+from ragserve.errors import RagServeError
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_PLAN = RagPlan(Method.STUFF, 4)   # the runtime's default plan
+AUTO_LOAD_FACTOR = 1.5    # rate=auto: arrivals at 1.5x what the engine serves one at a time
+CALIBRATION_QUERIES = 3   # rate=auto: timed one at a time with CALIBRATION_PLAN
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One `ragserve eval` invocation."""
+
+    dataset: str
+    systems: tuple[System, ...]
+    num: int
+    rate: float | str              # queries/s, inf (burst), or "auto"
+    out: Path
+    seed: int = 0
+    corpus_limit: int | None = None    # smoke runs: gold passages + this many others
+    doc_filter: bool = False           # financebench: restrict retrieval to the question's filing
+    datasets_root: str | None = None   # default: RAGSERVE_DATASETS / ../shared/datasets
+    warmup: int = 1                    # untimed queries before the first system (model warm-up)
+    progress: bool = True
+    command: str = ""                  # the exact command line, for the report
+    grid: tuple[RagPlan, ...] = ()     # the fixed grid the `fixed` systems came from (report only)
+
+
+@dataclass
+class SystemRun:
+    system: System
+    rows: list[dict[str, Any]]
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)   # e.g. the scheduler's counters
+
+
+def result_row(system: System, spec: DatasetSpec, question: dict[str, Any], arrival_s: float,
+               start_s: float, finish_s: float, result: QueryResult | None,
+               error: BaseException | None = None) -> dict[str, Any]:
+    """One query's row (the module docstring lists the fields)."""
+    row: dict[str, Any] = {"id": question["id"], "system": system.name, "kind": system.kind,
+                           "arrival_s": round(arrival_s, 4), "start_s": round(start_s, 4),
+                           "finish_s": round(finish_s, 4)}
+    if result is None:
+        metrics = {"f1": 0.0, "em": 0.0, "rouge_l": 0.0, "numeric": None, "quality": 0.0}
+        return {**row, "plan": None, "answer": "", **metrics, "error": f"{type(error).__name__}: {error}"}
+    t = result.timings
+    d = result.decision or {}
+    return {**row, "plan": str(result.plan), "method": result.plan.method.value,
+            "num_chunks": result.plan.num_chunks, "intermediate_tokens": result.plan.intermediate_tokens,
+            "answer": result.answer, **score(spec, result.answer, question["answers"]),
+            "total_s": round(t.total_s, 4), "ttft_s": round(t.ttft_s, 4), "queue_s": round(t.queue_s, 4),
+            "profile_s": round(t.profile_s, 4), "retrieve_s": round(t.retrieve_s, 4),
+            "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
+            "num_calls": result.num_calls, "reason": d.get("reason"), "profile": d.get("profile"),
+            "from_history": d.get("from_history"), "kv_free_tokens": d.get("kv_free_tokens"),
+            "error": None}
+
+
+async def run_system(controller: Any, system: System, workload: Workload, collection: str,
+                     spec: DatasetSpec, doc_filter: bool = False, progress: bool = True) -> SystemRun:
+    """Launch each query at its arrival time (relative to now); wait for all of them."""
+    from tqdm import tqdm
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    bar = tqdm(total=len(workload.items), desc=system.name, unit="q", disable=not progress, leave=True)
+
+    async def one(item) -> dict[str, Any]:
+        delay = t0 + item.arrival_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        start = loop.time() - t0
+        q = item.question
+        result, error = None, None
+        try:
+            result = await controller.query(q["question"], collection, plan=system.plan,
+                                            filters=query_filters(spec, q, doc_filter))
+        except (RagServeError, ValueError, RuntimeError) as exc:   # keep the run going; the row says why
+            error = exc
+            logger.warning("%s: query %s failed: %s", system.name, q["id"], exc)
+        finish = loop.time() - t0
+        bar.update(1)
+        return result_row(system, spec, q, item.arrival_s, start, finish, result, error)
+
+    try:
+        rows = await asyncio.gather(*(one(item) for item in workload.items))
+    finally:
+        bar.close()
+    return SystemRun(system, list(rows), loop.time() - t0)
+
+
+async def calibrate_rate(controller: Any, questions: Sequence[dict[str, Any]], collection: str,
+                         spec: DatasetSpec, doc_filter: bool) -> tuple[float, float]:
+    """(rate, mean service time): AUTO_LOAD_FACTOR / the mean latency of CALIBRATION_PLAN
+    over `questions`, answered one at a time."""
+    times = []
+    for q in questions:
+        r = await controller.query(q["question"], collection, plan=CALIBRATION_PLAN,
+                                   filters=query_filters(spec, q, doc_filter))
+        times.append(r.timings.total_s)
+    service_s = sum(times) / len(times)
+    return AUTO_LOAD_FACTOR / service_s, service_s
+
+
+def _variants(systems: Sequence[System]) -> dict[bool, list[System]]:
+    """Systems grouped by engine variant (blend or not); each variant gets its own engine."""
+    groups: dict[bool, list[System]] = defaultdict(list)
+    for s in systems:
+        groups[s.blend].append(s)
+    return dict(sorted(groups.items()))   # plain engine first
+
+
+def _load_learned(config: Config, embedder: Any) -> Any:
+    if not config.metis.learned_profiler:
+        return None
+    from ragserve.eval.learned import load_profiler
+
+    return load_profiler(config.metis.learned_profiler, embedder=embedder)
+
+
+async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, workload: Workload,
+                   collection: str) -> tuple[list[SystemRun], dict[str, str], dict[str, Any]]:
+    from ragserve.controller import Controller
+    from ragserve.runtime import build_runtime
+
+    runs: list[SystemRun] = []
+    unavailable: dict[str, str] = {}
+    info: dict[str, Any] = {}
+    first_engine = True
+    for blend, systems in _variants(settings.systems).items():
+        runnable = []
+        for s in systems:
+            reason = unavailable_reason(s, config)
+            if reason:
+                unavailable[s.name] = reason
+                logger.warning("system %s %s", s.name, reason)
+            else:
+                runnable.append(s)
+        if not runnable:
+            continue
+        cfg = system_config(runnable[0], config)
+        try:
+            rt = build_runtime(cfg, metis=False)
+        except Exception as exc:   # e.g. a model blending does not support: the other systems still run
+            logger.exception("could not build the %s engine", "blend" if blend else "plain")
+            unavailable.update({s.name: f"unavailable: engine failed to start: {type(exc).__name__}: {exc}"
+                                for s in runnable})
+            continue
+        try:
+            learned = _load_learned(cfg, rt.retriever.embedder)
+            plain = Controller(rt.engine, rt.retriever, cfg, default_plan=CALIBRATION_PLAN)
+            for item in workload.items[: max(0, settings.warmup)]:   # untimed: one-off costs
+                q = item.question
+                await plain.query(q["question"], collection, plan=CALIBRATION_PLAN,
+                                  filters=query_filters(spec, q, settings.doc_filter))
+            if first_engine and settings.rate == "auto":
+                sample = [i.question for i in workload.items[:CALIBRATION_QUERIES]]
+                rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter)
+                info.update(rate_qps=round(rate, 4), calibration_service_s=round(service_s, 3),
+                            calibration_plan=str(CALIBRATION_PLAN))
+                workload = workload.with_rate(rate)
+            first_engine = False
+            for system in runnable:
+                planner = make_planner(system, rt.engine, cfg, learned)
+                controller = Controller(rt.engine, rt.retriever, cfg, planner=planner)
+                try:
+                    run = await run_system(controller, system, workload, collection, spec,
+                                           settings.doc_filter, settings.progress)
+                finally:
+                    if planner is not None:
+                        await planner.close()
+                if hasattr(planner, "scheduler"):
+                    run.extra["scheduler"] = planner.scheduler.counters()
+                if blend and hasattr(rt.engine, "blend_counters"):
+                    run.extra["blend"] = dict(rt.engine.blend_counters)
+                runs.append(run)
+        finally:
+            await rt.close()
+    info.setdefault("workload", workload.to_dict())
+    return runs, unavailable, info
+
+
+def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) -> Workload:
+    """The seeded sample, leaving out `exclude_ids` (a learned profiler's training queries)."""
+    rows = [r for r in load_questions(settings.dataset, settings.datasets_root) if r["id"] not in exclude_ids]
+    if len(rows) < settings.num:
+        logger.warning("%s: only %d questions left after excluding %d training queries (asked for %d)",
+                       settings.dataset, len(rows), len(exclude_ids), settings.num)
+    rate = 1.0 if settings.rate == "auto" else float(settings.rate)   # auto: re-timed after calibration
+    return make_workload(settings.dataset, rows, settings.num, rate, settings.seed)
+
+
+def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
+    """Run every system of `settings` and write the report; returns the report dict."""
+    from ragserve.eval.report import write_eval_report
+
+    spec = get_spec(settings.dataset)
+    excluded: set[str] = set()
+    if config.metis.learned_profiler:   # never evaluate the learned profiler on its training queries
+        from ragserve.eval.learned import training_query_ids
+        excluded = training_query_ids(config.metis.learned_profiler)
+    workload = build_workload(settings, excluded)
+    load_start, cpu_start, wall_start = os.getloadavg(), _cpu_s(), time.perf_counter()
+    t0 = time.perf_counter()
+    corpus = ensure_collection(settings.dataset, config, [i.question for i in workload.items],
+                               settings.corpus_limit, settings.datasets_root, progress=settings.progress)
+    ingest_s = time.perf_counter() - t0
+    config = apply_dataset_settings(config, spec, corpus.collection)
+    runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection))
+    meta = {
+        "dataset": settings.dataset, "model": config.engine.model, "engine": config.engine.backend,
+        "num": len(workload.items), "rate_qps": info.get("rate_qps", workload.rate_qps),
+        "rate_arg": settings.rate, "seed": settings.seed, "collection": corpus.collection,
+        "corpus": {"passages": corpus.num_passages, "chunks": corpus.num_chunks, "subset": corpus.subset,
+                   "corpus_limit": settings.corpus_limit, "ingested_now": corpus.num_ingested,
+                   "ingest_s": round(ingest_s, 2)},
+        "doc_filter": settings.doc_filter, "quality_metric": spec.quality_metric,
+        "excluded_training_queries": len(excluded),
+        "fixed_grid": [str(p) for p in settings.grid],
+        "synthesis": {"answer_tokens": config.synthesis.answer_tokens,
+                      "answer_stop": list(config.synthesis.answer_stop)},
+        "metis": {"feedback_every": config.metis.feedback_every, "policy": config.metis.policy,
+                  "learned_profiler": config.metis.learned_profiler,
+                  "confidence_threshold": config.metis.confidence_threshold},
+        "engine_config": {"kv_budget_mb": config.engine.kv_budget_mb,
+                          "max_batch_size": config.engine.max_batch_size},
+        "command": settings.command, **{k: v for k, v in info.items() if k != "workload"},
+        # how busy the machine was: latencies scale with the CPU share this process got
+        "machine_load": {"loadavg_start": [round(x, 2) for x in load_start],
+                         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                         "wall_s": round(time.perf_counter() - wall_start, 1),
+                         "process_cpu_s": round(_cpu_s() - cpu_start, 1)},
+        "workload": info.get("workload"),
+    }
+    return write_eval_report(settings.out, meta, runs, unavailable)
+
+
+def _cpu_s() -> float:
+    """CPU seconds used by this process (all threads), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def rate_arg(text: str) -> float | str:
+    """--rate: a number of queries/s, `inf` (burst) or `auto`."""
+    if text == "auto":
+        return text
+    value = float(text)
+    if not value > 0 or math.isnan(value):
+        raise ValueError(f"rate {text!r} must be > 0, inf or auto")
+    return value

@@ -1,0 +1,188 @@
+"""The systems an evaluation compares (METIS §7.1 baselines), as controller planners.
+
+    fixed:<plan>  every query runs the same plan (vLLM / Parrot* baseline); `fixed` in a
+                  systems list expands to one system per plan of the fixed grid
+    adaptive      AdaptiveRAG*: profile -> prune -> the most expensive pruned plan, chosen
+                  for quality only: it never looks at the engine's load (`AdaptivePlanner`)
+    metis         the controller's METIS planner (profile -> prune -> best fit under free KV)
+    metis+blend   metis on an engine that reuses chunk KV (CacheBlend, `blend.enabled`)
+
+A fixed system has no planner (the plan is passed with each query); the others implement
+the controller's `Planner` protocol. Systems are only descriptions here; the runner builds
+their engines and controllers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from ragserve.config import Config
+from ragserve.controller import Decision
+from ragserve.cost import CostConfig, CostModel
+from ragserve.domain import LLMCall, Method, RagPlan, RetrievedChunk
+from ragserve.errors import BadInput
+from ragserve.planner import PlannerRules, prune
+from ragserve.profiler import SEED_EXAMPLES, LearnedProfiler, ProfilePromptBuilder, run_llm_profiler
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("fixed", "adaptive", "metis", "metis+blend")
+
+# The fixed grid of `fixed`: one plan per method at a small and a larger size, sized for
+# CPU engines (map_reduce with long summaries costs minutes per query on a CPU).
+DEFAULT_FIXED_GRID: tuple[RagPlan, ...] = (
+    RagPlan(Method.MAP_RERANK, 4), RagPlan(Method.STUFF, 2), RagPlan(Method.STUFF, 6),
+    RagPlan(Method.MAP_REDUCE, 6, 64),
+)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str                   # "fixed:stuff:4" | "adaptive" | "metis" | "metis+blend"
+    kind: str                   # one of KINDS
+    plan: RagPlan | None = None   # the fixed plan (kind fixed only)
+
+    @property
+    def blend(self) -> bool:
+        return self.kind == "metis+blend"
+
+
+def parse_grid(text: str | None) -> tuple[RagPlan, ...]:
+    """Comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS]; None -> DEFAULT_FIXED_GRID."""
+    from ragserve.runtime import parse_plan
+
+    if not text:
+        return DEFAULT_FIXED_GRID
+    plans = tuple(dict.fromkeys(parse_plan(p.strip()) for p in text.split(",") if p.strip()))
+    if not plans:
+        raise BadInput(f"plan grid {text!r} is empty; e.g. stuff:2,map_rerank:4,map_reduce:6:64")
+    return plans
+
+
+def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> list[System]:
+    """`fixed,adaptive,metis[,metis+blend]`; `fixed` expands to the grid, `fixed:<plan>`
+    names one plan."""
+    from ragserve.runtime import parse_plan
+
+    out: list[System] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if item == "fixed":
+            out += [System(f"fixed:{p}", "fixed", p) for p in grid]
+        elif item.startswith("fixed:"):
+            plan = parse_plan(item[len("fixed:"):])
+            out.append(System(f"fixed:{plan}", "fixed", plan))
+        elif item in KINDS:
+            out.append(System(item, item))
+        else:
+            raise BadInput(f"unknown system {item!r}; choose from fixed, fixed:<plan>, adaptive, "
+                           "metis, metis+blend")
+    names = [s.name for s in out]
+    if not out or len(set(names)) != len(names):
+        raise BadInput(f"systems {text!r} must name at least one system, each once")
+    return out
+
+
+def unavailable_reason(system: System, config: Config) -> str | None:
+    """Why `system` cannot run with `config`, or None when it can."""
+    if not system.blend:
+        return None
+    from ragserve import config as config_module
+
+    if not hasattr(config_module, "BlendConfig"):
+        return "unavailable: this ragserve has no CacheBlend (ragserve.config.BlendConfig)"
+    if config.engine.backend == "vllm" and not all(e.lmcache_blend for e in config.vllm.endpoints):
+        return ("unavailable on the vllm backend unless every vllm.endpoints[] runs LMCache "
+                "blending (lmcache_blend: true)")
+    return None
+
+
+def system_config(system: System, config: Config) -> Config:
+    """The config `system` runs with: metis+blend turns on blend in the embedded engine."""
+    if system.blend and config.engine.backend != "vllm":
+        return replace(config, blend=replace(config.blend, enabled=True))
+    return config
+
+
+def make_planner(system: System, engine: Any, config: Config,
+                 learned: LearnedProfiler | None = None) -> Any:
+    """The controller planner of `system` (None for a fixed plan)."""
+    if system.kind == "fixed":
+        return None
+    if system.kind == "adaptive":
+        return AdaptivePlanner(engine, config, learned)
+    from ragserve.metis import MetisPlanner
+
+    return MetisPlanner(engine, config, learned=learned)
+
+
+class AdaptivePlanner:
+    """AdaptiveRAG* (METIS' quality-only baseline). Implements the controller's `Planner`.
+
+    Profiles the query like METIS (the same LLM profiler, or the learned one), prunes with
+    the same rules, then takes the pruned plan with the largest KV footprint (METIS'
+    "more expensive is slightly better" within the quality-safe space), whatever the load.
+    Plans that could never run (a call above the engine's context or KV capacity) are
+    dropped first. Nothing is reserved: the engine queues what does not fit.
+    """
+
+    def __init__(self, engine: Any, config: Config, learned: LearnedProfiler | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        mc = config.metis
+        rules = PlannerRules.load(mc.rules_file) if mc.rules_file else PlannerRules()
+        self.rules = replace(rules, offer_refine=mc.offer_refine or rules.offer_refine)
+        self.max_chunks_needed = int(10 * self.rules.max_chunks_factor)   # pieces <= 10
+        self.learned = learned
+        syn = config.synthesis
+        probe = LLMCall((("system", "x"), ("user", "x")), 1)
+        overhead = max(0, engine.prompt_tokens(probe) - 2)
+        self.cost = CostModel(engine.model, CostConfig(
+            answer_tokens=syn.answer_tokens, default_intermediate_tokens=syn.default_intermediate_tokens,
+            overhead_tokens_per_call=overhead + 60))
+        self.max_call_tokens = min(engine.model.max_context, config.engine.max_context_tokens,
+                                   engine.stats().kv_capacity_tokens)
+        self._builders: dict[str, ProfilePromptBuilder] = {}
+
+    async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
+                     slo_s: float | None = None) -> Decision:
+        t0 = time.perf_counter()
+        if self.learned is not None:
+            profile = self.learned.profile(question)
+        else:
+            profile = await run_llm_profiler(self.engine, self._builder(collection), question, SEED_EXAMPLES)
+        profile_s = time.perf_counter() - t0
+        plans = prune(profile, self.rules, len(hits))
+        counts = [h.chunk.num_tokens if Path(str(collection.spec.tokenizer)).name == self.engine.model.name
+                  else self.engine.count_tokens(h.chunk.text) for h in hits]
+        costs = self.cost.estimate_many(plans, counts, self.engine.count_tokens(question))
+        runnable = [(c.kv_budget_tokens, i) for i, c in enumerate(costs)
+                    if c.max_call_tokens <= self.max_call_tokens and c.kv_tokens <= self.max_call_tokens]
+        if runnable:
+            _, best = max(runnable)
+            reason = "max_quality"
+        else:   # nothing runs whole: the smallest plan (the engine reports what does not fit)
+            best = min(range(len(plans)), key=lambda i: costs[i].kv_budget_tokens)
+            reason = "smallest"
+        details = {"profile": profile.to_dict(), "pruned": [p.to_dict() for p in plans],
+                   "reason": reason, "cost": costs[best].to_dict()}
+        return Decision(plans[best], profile_s=profile_s, details=details)
+
+    def done(self, decision: Decision) -> None:
+        """Nothing was reserved."""
+
+    async def close(self) -> None:
+        """No background work."""
+
+    def _builder(self, collection: Any) -> ProfilePromptBuilder:
+        b = self._builders.get(collection.name)
+        if b is None:
+            from ragserve.metis import describe
+
+            desc = self.config.metis.descriptions.get(collection.name) or describe(collection)
+            b = self._builders[collection.name] = ProfilePromptBuilder(desc, collection.spec.chunk_tokens)
+        return b

@@ -1,0 +1,97 @@
+"""Systems: parsing the --systems/--grid lists, availability, and the AdaptiveRAG* planner."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from ragserve.config import Config, EngineConfig, VllmConfig, VllmEndpoint
+from ragserve.domain import Chunk, EngineStats, RetrievedChunk
+from ragserve.errors import BadInput
+from ragserve.eval.systems import (DEFAULT_FIXED_GRID, AdaptivePlanner, parse_grid, parse_systems, system_config,
+                                   unavailable_reason)
+from ragserve.profiler import Complexity, ProfileSource, QueryProfile
+from tests.core.factories import SMOLLM2
+
+
+def test_parse_systems_expands_the_fixed_grid():
+    systems = parse_systems("fixed,adaptive,metis", parse_grid("stuff:2,map_reduce:6:64"))
+    assert [s.name for s in systems] == ["fixed:stuff:2", "fixed:map_reduce:6:64", "adaptive", "metis"]
+    assert systems[0].plan is not None and systems[2].plan is None
+    assert [s.name for s in parse_systems("fixed:map_rerank:3,metis+blend")] == ["fixed:map_rerank:3", "metis+blend"]
+    assert len(parse_systems("fixed")) == len(DEFAULT_FIXED_GRID) == len(parse_grid(None))
+    for bad in ("metis,metis", "magic", ""):
+        with pytest.raises(BadInput):
+            parse_systems(bad)
+    with pytest.raises(BadInput):
+        parse_grid("stuff")
+
+
+def test_blend_availability_and_config():
+    blend = parse_systems("metis+blend")[0]
+    assert unavailable_reason(blend, Config()) is None
+    assert system_config(blend, Config()).blend.enabled
+    vllm = Config(engine=EngineConfig(backend="vllm"),
+                  vllm=VllmConfig(endpoints=(VllmEndpoint("http://x", "m"),)))
+    assert "unavailable" in unavailable_reason(blend, vllm)
+    lmcache = replace(vllm, vllm=VllmConfig(endpoints=(VllmEndpoint("http://x", "m", lmcache_blend=True),)))
+    assert unavailable_reason(blend, lmcache) is None
+    assert unavailable_reason(parse_systems("metis")[0], vllm) is None
+
+
+class FakeEngine:
+    model = SMOLLM2
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def prompt_tokens(self, call) -> int:
+        return 30
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(kv_capacity_tokens=20_000, kv_used_tokens=20_000 - self.free, num_running=0, num_waiting=0)
+
+
+class Profile:
+    def __init__(self, profile: QueryProfile) -> None:
+        self.p = profile
+
+    def profile(self, query: str) -> QueryProfile:
+        return self.p
+
+
+def hits(n: int, tokens: int = 150) -> list[RetrievedChunk]:
+    return [RetrievedChunk(Chunk(f"c{i}#0", f"c{i}", "text " * tokens, tokens), 1.0 - i / 100) for i in range(n)]
+
+
+COLLECTION = SimpleNamespace(name="col", spec=SimpleNamespace(tokenizer="/x/smollm2", chunk_tokens=256))
+
+
+@pytest.mark.parametrize("free", [20_000, 100])   # idle or nearly full: adaptive does not care
+def test_adaptive_takes_the_most_expensive_pruned_plan_whatever_the_load(free):
+    joint_high = QueryProfile(Complexity.HIGH, True, 2, (30, 60), confidence=0.5, source=ProfileSource.LEARNED)
+    planner = AdaptivePlanner(FakeEngine(free), Config(), learned=Profile(joint_high))
+    d = asyncio.run(planner.decide("Why did it happen?", COLLECTION, hits(30)))
+    # pruned: stuff 2..6 and map_reduce 2..6 x 3 lengths; map_reduce:6 with the longest summaries
+    # holds the most KV (6 maps of 150 tokens + their summaries, resident together)
+    assert str(d.plan) == "map_reduce:6:78" and d.details["reason"] == "max_quality"
+    assert d.queue_s == 0.0 and len(d.details["pruned"]) == 5 + 15
+    planner.done(d)
+
+
+def test_adaptive_drops_plans_above_the_engine_limit():
+    single = QueryProfile(Complexity.LOW, True, 10, (30, 60), source=ProfileSource.LEARNED)
+    config = Config(engine=EngineConfig(max_context_tokens=2048))
+    planner = AdaptivePlanner(FakeEngine(20_000), config, learned=Profile(single))
+    d = asyncio.run(planner.decide("Compare them", COLLECTION, hits(30)))
+    # stuff over 10..30 chunks of 150 tokens: only ~12 chunks fit a 2,048-token call
+    assert d.plan.method.value == "stuff" and 10 <= d.plan.num_chunks <= 13
+    tiny = AdaptivePlanner(FakeEngine(20_000), Config(engine=EngineConfig(max_context_tokens=256)),
+                           learned=Profile(single))
+    d = asyncio.run(tiny.decide("Compare them", COLLECTION, hits(30)))
+    assert d.details["reason"] == "smallest" and d.plan.num_chunks == 10
