@@ -1,4 +1,4 @@
-"""`ragserve` command line: ingest, query, demo. Thin: parsing and printing only."""
+"""`ragserve` command line: ingest, query, demo, serve, eval, tune. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +43,53 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", help="smollm2 | qwen")
     d.add_argument("--num", type=int, default=3, help="questions to answer")
     d.add_argument("--collection", default="squad-demo")
+
+    s = sub.add_parser("serve", help="run the HTTP API (FastAPI/uvicorn; default 127.0.0.1:8000)")
+    s.add_argument("--config", default=argparse.SUPPRESS,
+                   help="YAML/TOML config file (the server section: see ragserve/config.py)")
+    s.add_argument("--host", help="listen address (default server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default server.port, 8000)")
+    s.add_argument("--model", help="smollm2 | qwen")
+
+    e = sub.add_parser("eval", help="replay a Poisson workload of a dataset against fixed/adaptive/metis systems")
+    _eval_common(e)
+    e.add_argument("--systems", default="fixed,adaptive,metis",
+                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend")
+    e.add_argument("--grid", help="fixed plans, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
+                                  "(default map_rerank:4,stuff:2,stuff:6,map_reduce:6:64)")
+    e.add_argument("--rate", default="auto",
+                   help="arrivals per second (Poisson), inf (all at once) or auto (1.5x the measured "
+                        "one-at-a-time service rate of stuff:4; default)")
+    e.add_argument("--learned", help="learned profiler directory for adaptive/metis (default: the LLM profiler)")
+    e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
+    e.add_argument("--kv-budget-mb", type=float,
+                   help="embedded engine KV budget (default engine.kv_budget_mb, 512); smaller makes "
+                        "concurrent queries compete for KV, the load METIS' best fit reacts to")
+    e.add_argument("--feedback-every", type=int,
+                   help="METIS golden-plan feedback every N queries, 0 = off (default metis.feedback_every, 30)")
+
+    t = sub.add_parser("tune", help="offline plan sweep (tune) or fit the learned profiler (tune train-profiler DIR)")
+    t.add_argument("action", nargs="?", choices=["sweep", "train-profiler"], default="sweep")
+    t.add_argument("profiles", nargs="*", help="train-profiler: tuning profile dir(s), e.g. profiles/qwen/squad")
+    _eval_common(t, required=False)
+    t.add_argument("--grid", help="plans to sweep, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
+                                  "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
     return p
+
+
+def _eval_common(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--dataset", required=required, help="squad | 2wikimultihopqa | qmsum | financebench")
+    p.add_argument("--num", type=int, default=100, help="questions sampled (seeded; default 100)")
+    p.add_argument("--seed", type=int, default=0, help="sample and arrival seed (default 0)")
+    p.add_argument("--engine", choices=["local", "vllm"], help="engine backend (default engine.backend)")
+    p.add_argument("--model", help="smollm2 | qwen")
+    p.add_argument("--out", help="output directory (eval: eval/results/NAME; tune: profiles/MODEL/DATASET)")
+    p.add_argument("--datasets-dir", help="folder holding the datasets (default RAGSERVE_DATASETS or ../shared/datasets)")
+    p.add_argument("--corpus-limit", type=int,
+                   help="SMOKE RUNS ONLY: ingest the sampled questions' gold passages plus this many others")
+    p.add_argument("--doc-filter", action="store_true",
+                   help="financebench: retrieve only from the question's filing (qmsum always filters by meeting)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -128,15 +174,102 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_config(args), args.collection, args.num)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ragserve.server.app import serve
+
+    config = _config(args)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        config = replace(config, server=replace(config.server, **overrides))
+    serve(config)
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    import shlex
+
+    return "ragserve " + shlex.join(args.argv)
+
+
+def _eval_config(args: argparse.Namespace) -> Config:
+    config = _config(args)
+    if args.engine:
+        config = replace(config, engine=replace(config.engine, backend=args.engine))
+    if getattr(args, "learned", None):
+        config = replace(config, metis=replace(config.metis, learned_profiler=args.learned))
+    if getattr(args, "kv_budget_mb", None):
+        config = replace(config, engine=replace(config.engine, kv_budget_mb=args.kv_budget_mb))
+    if getattr(args, "feedback_every", None) is not None:
+        config = replace(config, metis=replace(config.metis, feedback_every=args.feedback_every))
+    return config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ragserve.errors import BadInput
+    from ragserve.eval.runner import EvalSettings, rate_arg, run_eval
+    from ragserve.eval.systems import parse_grid, parse_systems
+
+    if not args.out:
+        raise BadInput("--out is required, e.g. --out eval/results/squad-qwen")
+    try:
+        rate = rate_arg(args.rate)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    grid = parse_grid(args.grid)
+    settings = EvalSettings(dataset=args.dataset, systems=tuple(parse_systems(args.systems, grid)), num=args.num,
+                            rate=rate, out=Path(args.out), seed=args.seed, corpus_limit=args.corpus_limit,
+                            doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
+                            progress=not args.no_progress, command=_command_line(args), grid=grid)
+    report = run_eval(settings, _eval_config(args))
+    print(Path(args.out, "report.md").read_text())
+    return 0 if report["systems"] else 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ragserve.errors import BadInput
+
+    if args.action == "train-profiler":
+        from ragserve.eval.learned import train_profiler
+
+        if not args.profiles:
+            raise BadInput("train-profiler needs tuning profile dir(s), e.g. ragserve tune train-profiler "
+                           "profiles/qwen/squad")
+        _, report = train_profiler(args.profiles, out=args.out)
+        target = args.out or str(Path(args.profiles[0]) / "learned")
+        print(f"learned profiler saved to {target} ({report['num_queries']} tuned queries)")
+        print(json.dumps({k: report[k] for k in ("label_counts", "cross_validation", "inference")}, indent=2))
+        return 0
+    from ragserve.eval.systems import parse_grid
+    from ragserve.eval.tuning import DEFAULT_TUNE_GRID, TuneSettings, run_tune
+
+    if args.profiles:
+        raise BadInput(f"unexpected arguments {args.profiles}; did you mean: ragserve tune train-profiler DIR")
+    if not args.dataset:
+        raise BadInput("tune needs --dataset (squad | 2wikimultihopqa | qmsum | financebench)")
+    config = _eval_config(args)
+    out = Path(args.out or Path("profiles") / config.engine.model / args.dataset)
+    settings = TuneSettings(dataset=args.dataset, num=args.num, out=out,
+                            grid=parse_grid(args.grid) if args.grid else DEFAULT_TUNE_GRID, seed=args.seed,
+                            corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
+                            datasets_root=args.datasets_dir, progress=not args.no_progress,
+                            command=_command_line(args))
+    run_tune(settings, config)
+    print((out / "summary.md").read_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # weights come from packages, never a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = args.verbose or args.command == "serve"   # a server logs its decisions
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    handlers = {"ingest": cmd_ingest, "query": cmd_query, "demo": cmd_demo}
+    handlers = {"ingest": cmd_ingest, "query": cmd_query, "demo": cmd_demo, "serve": cmd_serve,
+                "eval": cmd_eval, "tune": cmd_tune}
     try:
         return handlers[args.command](args)
     except RagServeError as exc:

@@ -52,11 +52,23 @@ class Runtime:
 def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
     """Engine + retriever + controller. With `metis`, queries without a plan are planned by
     METIS; without, they run DEFAULT_PLAN."""
-    from ragserve.engines.local.engine import LocalEngine
     from ragserve.metis import MetisPlanner
 
-    engine = LocalEngine(config.engine)
-    retriever = Retriever(Embedder())
-    planner = MetisPlanner(engine, config) if metis else None
+    if config.engine.backend == "vllm":
+        from ragserve.engines.vllm import VllmEngine
+
+        engine = VllmEngine(config.vllm, config.engine)
+    else:
+        from ragserve.engines.local.engine import LocalEngine
+
+        engine = LocalEngine(config.engine, blend=config.blend)
+    embedder, learned = Embedder(), None
+    if config.metis.learned_profiler:   # issue 7: the fast profiler, sharing the query embedding
+        from ragserve.eval.learned import CachedQueryEmbedder, load_profiler
+
+        embedder = CachedQueryEmbedder(embedder)
+        learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
+    retriever = Retriever(embedder)
+    planner = MetisPlanner(engine, config, learned=learned) if metis else None
     controller = Controller(engine, retriever, config, planner=planner, default_plan=DEFAULT_PLAN)
     return Runtime(config, controller, engine, retriever, planner)
