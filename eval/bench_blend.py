@@ -224,12 +224,23 @@ def modes(ratios: list[float], only: list[str] | None = None) -> list[tuple[str,
     return out
 
 
+def deviation(res: Prefill, ref_logp: torch.Tensor, ref_keys: list[torch.Tensor]) -> dict:
+    """KL(full || mode) of the first token's distribution and the relative key deviation
+    from the full prefill at the middle and last layer (measured before decoding)."""
+    logp = torch.log_softmax(res.logits, -1)
+    out = {"first_token_kl": round(float((ref_logp.exp() * (ref_logp - logp)).sum()), 5)}
+    for name, layer in (("key_dev_mid", len(ref_keys) // 2), ("key_dev_last", len(ref_keys) - 1)):
+        k = res.cache.layers[layer].keys[:, :, :ref_keys[layer].shape[2]].float()
+        out[name] = round(float((k - ref_keys[layer]).norm() / ref_keys[layer].norm()), 5)
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     xs = sorted(values)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, stem: Path) -> dict:
     torch.set_num_threads(args.threads)
     root = datasets_dir() / args.dataset
     questions = read_jsonl(root / "questions.jsonl", args.num)
@@ -251,14 +262,24 @@ def run(args: argparse.Namespace) -> dict:
     eos = eos_ids(model, tok)
     mode_list = modes(args.ratios, args.modes)
     prefix_cache = PrefixCache()
-    rows: list[dict] = []
+    partial = stem.with_suffix(".partial.jsonl")   # one row per finished question: a killed run resumes
+    rows: list[dict] = read_jsonl(partial) if partial.is_file() else []
+    setup = f"{args.model}/{args.dtype}/{args.chunks}/{args.min_context}/{args.max_new_tokens}"
+    qids = {q["id"] for q in questions}
+    done = {r["id"] for r in rows if r.get("setup") == setup and r["id"] in qids
+            and set(r["modes"]) == {m for m, _ in mode_list}}
+    rows = [r for r in rows if r["id"] in done]
+    if rows:
+        logger.info("resuming: %d questions already measured in %s", len(rows), partial)
     t_start = time.perf_counter()
     for qi, q in enumerate(questions):
+        if q["id"] in done:
+            continue
         chunks = build_chunks(q, corpus, index, vectors @ qvecs[qi], tok, args.chunks, args.min_context)
         call = answer_call(q["question"], chunks, args.max_new_tokens, stop=("\n",))
         prompt = segment_call(tok, call)
         assert prompt is not None, "the answer prompt did not segment"
-        if qi == 0:   # steady state of a prefix cache: the shared system prefix is always there
+        if not prefix_cache.entries:   # steady state of a prefix cache: the system prefix is always there
             head = prompt.token_ids[: prompt.segments[0].end]
             prefix_cache.add(head, hf_prefill(model, head).cache)
         pre = blender.precompute(prompt)
@@ -266,7 +287,7 @@ def run(args: argparse.Namespace) -> dict:
         store.drop_ram()
         _, load = blender.gather(prompt)               # disk -> RAM, checksums, layout
         row: dict[str, Any] = {
-            "id": q["id"], "question": q["question"], "answers": q["answers"], "num_tokens": len(prompt),
+            "id": q["id"], "setup": setup, "question": q["question"], "answers": q["answers"], "num_tokens": len(prompt),
             "num_chunk_tokens": prompt.num_chunk_tokens, "num_fresh_tokens": prompt.num_fresh_tokens,
             "gold_in_context": sum(any(g in c.id.split("+") for c in chunks) for g in q["corpus_ids"]),
             "precompute_s": round(pre.compute_s, 3), "kv_load_s": round(load.load_s, 4),
@@ -288,6 +309,10 @@ def run(args: argparse.Namespace) -> dict:
                               {"recomputed_tokens": out.num_recomputed,
                                "compute_fraction": round(out.compute_fraction, 4),
                                "num_active": out.num_active})
+            if name == "full_prefill":   # the reference for the distribution and KV deviations
+                ref_logp = torch.log_softmax(res.logits, -1)
+                ref_keys = [layer.keys[:, :, :len(prompt)].float() for layer in res.cache.layers]
+            res.extra.update(deviation(res, ref_logp, ref_keys))
             answer = greedy(model, tok, res.cache, res.logits, len(prompt), args.max_new_tokens, eos)
             row["modes"][name] = {"ttft_s": round(res.ttft_s, 4), "answer": answer,
                                   "f1": round(best_f1(answer, q["answers"]), 4),
@@ -299,6 +324,8 @@ def run(args: argparse.Namespace) -> dict:
             m["agrees_with_full"] = normalize_answer(m["answer"]) == normalize_answer(full["answer"])
             m["first_token_agrees"] = m["first_token"] == full["first_token"]
         rows.append(row)
+        with open(partial, "a") as f:
+            f.write(json.dumps(row) + "\n")
         logger.info("question %d/%d done (%d tokens) at %.0fs", qi + 1, len(questions), len(prompt),
                     time.perf_counter() - t_start)
     return summarize(args, rows, mode_list, store)
@@ -315,9 +342,10 @@ def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store
              "f1_mean": round(statistics.mean(r["modes"][name]["f1"] for r in rows), 4),
              "agreement": round(statistics.mean(r["modes"][name]["agrees_with_full"] for r in rows), 3),
              "first_token_agreement": round(statistics.mean(r["modes"][name]["first_token_agrees"] for r in rows), 3)}
-        fr = [r["modes"][name].get("compute_fraction") for r in rows]
-        if fr[0] is not None:
-            s["compute_fraction_mean"] = round(statistics.mean(fr), 3)
+        for key in ("compute_fraction", "first_token_kl", "key_dev_last"):
+            values = [r["modes"][name].get(key) for r in rows]
+            if all(v is not None for v in values):
+                s[f"{key}_mean"] = round(statistics.mean(values), 4)
         summary[name] = s
     load = [r["kv_load_s"] for r in rows]
     return {
@@ -342,12 +370,13 @@ def markdown(result: dict) -> str:
              f"Chunk KV load from disk: median {result['kv_load_median_ms']} ms, p90 {result['kv_load_p90_ms']} ms "
              f"(+ layout/rotation median {result['kv_layout_median_ms']} ms, counted in blend TTFT).", "",
              "| mode | TTFT median (s) | TTFT p90 (s) | TTFT / full (median) | compute fraction | F1 | "
-             "agrees with full | first token agrees |",
-             "|---|---|---|---|---|---|---|---|"]
+             "agrees with full | first token agrees | first-token KL | last-layer key dev |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in result["summary"].items():
         lines.append(f"| {name} | {s['ttft_median_s']} | {s['ttft_p90_s']} | {s['ttft_vs_full_median']} | "
                      f"{s.get('compute_fraction_mean', '')} | {s['f1_mean']} | {s['agreement']} | "
-                     f"{s['first_token_agreement']} |")
+                     f"{s['first_token_agreement']} | {s.get('first_token_kl_mean', '')} | "
+                     f"{s.get('key_dev_last_mean', '')} |")
     lines += ["", f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs, torch "
               f"{result['machine']['torch']}, load average at the end {result['machine']['loadavg_end']}.", ""]
     return "\n".join(lines)
@@ -373,11 +402,12 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result = run(args)
     stem = Path(args.out) if args.out else RESULTS / f"bench_blend_{args.dataset}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args, stem)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))
+    stem.with_suffix(".partial.jsonl").unlink(missing_ok=True)   # its rows are in the JSON now
     print(markdown(result))
 
 
