@@ -113,14 +113,17 @@ def bench_core(num_queries: int, seed: int, policy: Policy) -> dict[str, Any]:
 
 
 async def _llm_profiles(engine: Any, num_queries: int) -> list[tuple[float, QueryProfile]]:
-    from ragserve.profiler import ProfilePromptBuilder, run_llm_profiler
+    from ragserve.profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
 
     builder = ProfilePromptBuilder("Company annual reports and meeting transcripts", 256)
     out = []
     for i in range(num_queries):
         t0 = time.perf_counter()
-        profile = await run_llm_profiler(engine, builder, QUESTIONS[i % len(QUESTIONS)])
+        # as MetisPlanner calls it before any feedback: the seed few-shot examples in the prompt
+        profile = await run_llm_profiler(engine, builder, QUESTIONS[i % len(QUESTIONS)], SEED_EXAMPLES)
         out.append(((time.perf_counter() - t0) * 1e3, profile))
+        print(f"profile {i + 1}/{num_queries}: {out[-1][0]:.0f} ms ({profile.source.value})",
+              file=sys.stderr, flush=True)
     return out
 
 

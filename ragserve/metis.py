@@ -101,11 +101,7 @@ class MetisPlanner:
         return await run_llm_profiler(self.engine, builder, question, examples)
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
-        b = self._builders.get(collection.name)
-        if b is None:
-            desc = self.config.metis.descriptions.get(collection.name) or describe(collection)
-            b = self._builders[collection.name] = ProfilePromptBuilder(desc, collection.spec.chunk_tokens)
-        return b
+        return profile_builder(self._builders, self.config, collection)
 
     def _token_counts(self, collection: Any, hits: list[RetrievedChunk]) -> list[int]:
         if Path(str(collection.spec.tokenizer)).name == self.engine.model.name:
@@ -187,6 +183,16 @@ class MetisPlanner:
             task.cancel()
         if self._pump_task:
             self._pump_task.cancel()
+
+
+def profile_builder(cache: dict[str, ProfilePromptBuilder], config: Config, collection: Any
+                    ) -> ProfilePromptBuilder:
+    """The collection's profiler prompt builder, made once: configured description or `describe`."""
+    b = cache.get(collection.name)
+    if b is None:
+        desc = config.metis.descriptions.get(collection.name) or describe(collection)
+        b = cache[collection.name] = ProfilePromptBuilder(desc, collection.spec.chunk_tokens)
+    return b
 
 
 def describe(collection: Any) -> str:

@@ -179,10 +179,6 @@ class AdaptivePlanner:
         """No background work."""
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
-        b = self._builders.get(collection.name)
-        if b is None:
-            from ragserve.metis import describe
+        from ragserve.metis import profile_builder
 
-            desc = self.config.metis.descriptions.get(collection.name) or describe(collection)
-            b = self._builders[collection.name] = ProfilePromptBuilder(desc, collection.spec.chunk_tokens)
-        return b
+        return profile_builder(self._builders, self.config, collection)

@@ -111,6 +111,10 @@ class Retriever:
             col = self._open[name] = Collection.open(name)
         return col
 
+    def forget(self, name: str) -> None:
+        """Drop the open handle of a deleted collection (its index and docstore memory)."""
+        self._open.pop(name, None)
+
     def retrieve(self, collection: Collection | str, question: str, k: int,
                  filters: dict[str, Any] | None = None) -> tuple[list[RetrievedChunk], float]:
         """Top-`k` chunks for `question`, best first, and the time it took in seconds."""

@@ -73,6 +73,8 @@ async def inspect(name: CollectionPath, runtime: RuntimeDep):
 async def delete(name: CollectionPath, state: StateDep):
     async with state.collection_lock(name):
         Collection.delete(name)
+        if state.runtime is not None:
+            state.runtime.retriever.forget(name)
     return Response(status_code=204)
 
 
