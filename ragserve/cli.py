@@ -1,4 +1,4 @@
-"""`ragserve` command line: ingest, query, demo, serve, eval, tune. Thin: parsing and printing only."""
+"""`ragserve` command line: ingest, query, demo, serve, eval, tune, ui. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
                         "concurrent queries compete for KV, the load METIS' best fit reacts to")
     e.add_argument("--feedback-every", type=int,
                    help="METIS golden-plan feedback every N queries, 0 = off (default metis.feedback_every, 30)")
+
+    u = sub.add_parser("ui", help="open the Streamlit quality-latency explorer (ui/app.py)")
+    u.add_argument("--config", default=argparse.SUPPRESS, help="YAML config of the in-process controller")
+    u.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=8501, help="listen port (default 8501)")
+    u.add_argument("--server-url", help="ragserve server the explorer queries (default http://127.0.0.1:8000)")
 
     t = sub.add_parser("tune", help="offline plan sweep (tune) or fit the learned profiler (tune train-profiler DIR)")
     t.add_argument("action", nargs="?", choices=["sweep", "train-profiler"], default="sweep")
@@ -258,6 +264,36 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_command(args: argparse.Namespace) -> list[str]:
+    """The `streamlit run` command line of `ragserve ui`; options after `--` go to ui/app.py."""
+    from ragserve.errors import BadInput
+
+    app = Path(__file__).resolve().parents[1] / "ui" / "app.py"
+    if not app.is_file():
+        raise BadInput(f"{app} not found: `ragserve ui` runs from a source checkout (ui/ is not installed)")
+    # No file watcher: it polls the whole tree, which costs CPU and is only useful while editing.
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true", "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false", "--"]
+    if args.server_url:
+        cmd += ["--server-url", args.server_url]
+    if args.config:
+        cmd += ["--config", args.config]
+    return cmd
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from ragserve.errors import BadInput
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise BadInput("the explorer needs streamlit and plotly: pip install -e '.[ui]'")
+    cmd = ui_command(args)
+    os.execv(cmd[0], cmd)   # streamlit takes over the process (and its signals)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # weights come from packages, never a hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -269,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handlers = {"ingest": cmd_ingest, "query": cmd_query, "demo": cmd_demo, "serve": cmd_serve,
-                "eval": cmd_eval, "tune": cmd_tune}
+                "eval": cmd_eval, "tune": cmd_tune, "ui": cmd_ui}
     try:
         return handlers[args.command](args)
     except RagServeError as exc:

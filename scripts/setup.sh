@@ -6,6 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=${RAGSERVE_EXTRAS:-local,server,ui,dev}
+# The explorer's browser test (tests/ui/test_e2e_browser.py) drives Debian's chromium through
+# Playwright; `playwright install` is never used (it downloads browsers from a CDN).
+if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
+    echo "setup: installing chromium (apt)"
+    { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        chromium chromium-driver fonts-dejavu-core >/dev/null; } ||
+      echo "setup: installing chromium failed: the browser test will be skipped" >&2
+  else
+    echo "setup: /usr/bin/chromium missing and apt-get unavailable: the browser test will be skipped" >&2
+  fi
+fi
 stamp=".venv/.ragserve-setup"
 want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
