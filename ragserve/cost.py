@@ -20,6 +20,8 @@ KV is counted the same way:
 Latency: per sequential round, prefill(sum of the round's prompts) / prefill rate +
 max output of the round / decode rate (a round's calls decode as one batch, one token per
 call per step). Rates are parameters so the controller can calibrate them from the engine.
+With CacheBlend a stuff call prefills only `blend_prefill_fraction` of its chunk tokens (the
+KV held is unchanged), so its estimated latency drops and an SLO admits larger stuff plans.
 """
 from __future__ import annotations
 
@@ -53,6 +55,10 @@ class CostConfig:
     """Decode steps per second; a batch decodes one token per call per step."""
     kv_buffer: float = 0.02
     """Safety margin on the KV estimate (METIS: 2%)."""
+    blend_prefill_fraction: float = 1.0
+    """Share of a stuff prompt's chunk tokens that is prefilled. CacheBlend (blend.enabled)
+    reuses stored chunk KV and recomputes only blend.ratio of it: the KV held is the same,
+    the prefill work and time shrink. 1.0 = no blending."""
 
     def __post_init__(self) -> None:
         for name in ("overhead_tokens_per_call", "overhead_tokens_per_chunk", "answer_tokens",
@@ -62,6 +68,8 @@ class CostConfig:
         if self.prefill_tok_s <= 0 or self.decode_tok_s <= 0:
             raise ConfigError(f"cost rates prefill_tok_s={self.prefill_tok_s} "
                               f"decode_tok_s={self.decode_tok_s} must be > 0")
+        if not 0 < self.blend_prefill_fraction <= 1:
+            raise ConfigError(f"cost blend_prefill_fraction={self.blend_prefill_fraction} must be in (0, 1]")
         if not 0 <= self.kv_buffer < 1:
             raise ConfigError(f"cost kv_buffer={self.kv_buffer} must be in [0, 1)")
 
@@ -82,6 +90,7 @@ class PlanCost(NamedTuple):
     num_calls: int
     num_rounds: int         # sequential phases (stuff 1, map_* 1-2, refine n)
     est_latency_s: float
+    prefill_tokens: int     # prompt tokens actually prefilled (< prompt_tokens when blended)
 
     def to_dict(self) -> dict[str, float | int]:
         out: dict[str, float | int] = self._asdict()
@@ -137,7 +146,9 @@ class CostModel:
             prompt = base + total_chunks
             kv = max_call = prompt + ans
             num_calls, num_rounds, output = 1, 1, ans
-            latency = prompt / prefill + ans / decode
+            # blended: the chunks' stored KV is reused, only a share of it recomputed
+            work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
+            latency = work / prefill + ans / decode
         elif method is _MAP_RERANK:
             prompt = n * base + total_chunks
             kv = prompt + n * ans                       # the fan-out is resident together
@@ -162,9 +173,11 @@ class CostModel:
             latency = prompt / prefill + output / decode
         else:  # pragma: no cover - Method is closed
             raise AssertionError(method)
+        if method is not _STUFF:
+            work = prompt
         budget = math.ceil(round(kv * (1.0 + cfg.kv_buffer), 6))  # round: 100*1.02 != 102.0
         return PlanCost(prompt, output, kv, budget, budget * self.bytes_per_token, max_call,
-                        num_calls, num_rounds, latency)
+                        num_calls, num_rounds, latency, work)
 
 
 class _RankedChunks:

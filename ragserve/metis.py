@@ -56,7 +56,8 @@ class MetisPlanner:
         model = replace(engine.model, max_context=min(engine.model.max_context, config.engine.max_context_tokens))
         self.cost = CostModel(model, CostConfig(answer_tokens=syn.answer_tokens,
                                                 default_intermediate_tokens=syn.default_intermediate_tokens,
-                                                overhead_tokens_per_call=overhead + 60))
+                                                overhead_tokens_per_call=overhead + 60,
+                                                blend_prefill_fraction=blend_fraction(config)))
         self.scheduler = Scheduler(SchedulerConfig(policy=Policy(mc.policy), max_waiting=mc.max_waiting,
                                                    hold_until_release=True), self.cost,
                                    kv_capacity_tokens=engine.stats().kv_capacity_tokens)
@@ -183,6 +184,14 @@ class MetisPlanner:
             task.cancel()
         if self._pump_task:
             self._pump_task.cancel()
+
+
+def blend_fraction(config: Config) -> float:
+    """Share of a stuff call's chunk tokens the embedded engine prefills: blend.ratio when
+    CacheBlend is on (the reused rest costs a KV load, not compute), else all of them."""
+    if config.blend.enabled and config.engine.backend == "local":
+        return max(config.blend.ratio, 0.01)
+    return 1.0
 
 
 def profile_builder(cache: dict[str, ProfilePromptBuilder], config: Config, collection: Any

@@ -121,3 +121,23 @@ def test_calibrated_copy_changes_only_rates():
 def test_bad_config_names_the_value():
     with pytest.raises(ConfigError, match="decode_tok_s=0"):
         CostModel(SMOLLM2, CostConfig(decode_tok_s=0))
+
+
+def test_blended_stuff_prefills_a_share_of_the_chunks_and_holds_the_same_kv():
+    plan = RagPlan(Method.STUFF, 3)
+    plain = make_cost_model().estimate(plan, CHUNKS, Q)
+    blended = make_cost_model(blend_prefill_fraction=0.15).estimate(plan, CHUNKS, Q)
+    assert blended.kv_budget_tokens == plain.kv_budget_tokens   # the KV is held all the same
+    assert plain.prefill_tokens == plain.prompt_tokens == 30 + 600
+    assert blended.prefill_tokens == 30 + math.ceil(600 * 0.15)
+    assert blended.est_latency_s < plain.est_latency_s
+
+
+def test_blending_does_not_change_map_plans():
+    cost = make_cost_model(blend_prefill_fraction=0.15).estimate(RagPlan(Method.MAP_RERANK, 3), CHUNKS, Q)
+    assert cost.prefill_tokens == cost.prompt_tokens
+
+
+def test_blend_fraction_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="blend_prefill_fraction=0"):
+        CostModel(SMOLLM2, CostConfig(blend_prefill_fraction=0))
