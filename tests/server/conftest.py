@@ -6,6 +6,7 @@ that kill or reconfigure a server start their own with `ServerProcess`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -117,11 +118,10 @@ def ingest(url: str, collection: str, docs: list[dict], key: str = WRITE_KEY, ti
                       headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> ServerProcess:
-    """The shared server, with COLLECTION holding 8 squad passages."""
-    workdir = tmp_path_factory.mktemp("server")
-    proc = ServerProcess(workdir, workdir / "data", BASE_CONFIG).start()
+@contextlib.contextmanager
+def running_server(workdir: Path, config: dict[str, Any]) -> Iterator[ServerProcess]:
+    """A started, ready server whose COLLECTION holds 8 squad passages; terminated on exit."""
+    proc = ServerProcess(workdir, workdir / "data", config).start()
     try:
         proc.wait_ready()
         response = ingest(proc.url, COLLECTION, tiny_documents(8))
@@ -129,6 +129,13 @@ def server(tmp_path_factory) -> ServerProcess:
         yield proc
     finally:
         proc.terminate()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """The shared server, with COLLECTION holding 8 squad passages."""
+    with running_server(tmp_path_factory.mktemp("server"), BASE_CONFIG) as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -77,18 +77,11 @@ def inprocess(small_squad, smollm2_engine):
 @pytest.fixture(scope="session")
 def ui_server(tmp_path_factory):
     """A real `ragserve serve` (SmolLM2) on a free loopback port with a small squad collection."""
-    from tests.server.conftest import BASE_CONFIG, COLLECTION, ServerProcess, ingest, merge, tiny_documents
+    from tests.server.conftest import BASE_CONFIG, merge, running_server
 
-    workdir = tmp_path_factory.mktemp("ui-server")
     config = merge(BASE_CONFIG, {"metis": {"learned_profiler": str(LEARNED)}})
-    proc = ServerProcess(workdir, workdir / "data", config).start()
-    try:
-        proc.wait_ready()
-        response = ingest(proc.url, COLLECTION, tiny_documents(8))
-        assert response.status_code == 200, response.text
+    with running_server(tmp_path_factory.mktemp("ui-server"), config) as proc:
         yield proc
-    finally:
-        proc.terminate()
 
 
 @pytest.fixture
