@@ -207,7 +207,7 @@ def profile_builder(cache: dict[str, ProfilePromptBuilder], config: Config, coll
 def describe(collection: Any) -> str:
     """A one-line description from the collection's titles (METIS gives its profiler one line)."""
     titles: list[str] = []
-    for chunk in collection.iter_chunks() if hasattr(collection, "iter_chunks") else []:
+    for chunk in collection.iter_chunks():
         if chunk.title and chunk.title not in titles:
             titles.append(chunk.title)
         if len(titles) >= 5:

@@ -22,7 +22,7 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import faiss
 import numpy as np
@@ -190,6 +190,10 @@ class Collection:
         if row is None:
             raise NotFound(f"chunk {chunk_id!r} is not in collection {self.name!r}")
         return rows.chunks[row]
+
+    def iter_chunks(self) -> Iterator[Chunk]:
+        """Every stored chunk, in storage order (one snapshot: a concurrent commit is not seen)."""
+        return iter(self._rows.chunks)
 
     def get_chunks(self, ids: Iterable[str]) -> list[Chunk]:
         return [self.chunk(i) for i in ids]
