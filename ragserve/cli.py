@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--collection", required=True)
     ing.add_argument("--model", help="serving model whose tokenizer sizes the chunks (smollm2|qwen)")
     ing.add_argument("--chunk-tokens", type=int, help="chunk size in model tokens (default 256)")
+    ing.add_argument("--precompute-kv", action="store_true",
+                     help="CacheBlend: store every chunk's KV now (data dir kv/), so blended queries reuse it")
     ing.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("query", help="answer a question over a collection")
@@ -37,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="smollm2 | qwen")
     q.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="metadata filter, e.g. doc_id=test-Bed003 (repeatable)")
+    q.add_argument("--blend", action="store_true",
+                   help="CacheBlend: prefill from stored chunk KV (as blend.enabled in config)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("demo", help="ingest the squad corpus, answer a few questions, print plan/timings/F1")
@@ -130,7 +134,24 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(f"collection {report.collection}: +{report.added} chunks, {report.skipped} already stored, "
           f"{report.removed} replaced, from {report.num_documents} documents; "
           f"{report.num_chunks_total} chunks total ({report.elapsed_s:.1f} s)")
+    if args.precompute_kv:
+        _precompute_kv(config, args.collection)
     return 0
+
+
+def _precompute_kv(config: Config, collection: str) -> None:
+    from ragserve.engines.local.engine import LocalEngine
+    from ragserve.retrieval.store import Collection
+
+    chunks = list(Collection.open(collection).iter_chunks())
+    engine = LocalEngine(config.engine, blend=replace(config.blend, enabled=True))
+    try:
+        stats = engine.precompute_kv(chunks)
+    finally:
+        asyncio.run(engine.close())
+    # segments = each chunk plus the answer prompt's shared prefix
+    print(f"chunk KV of {len(chunks)} chunks: {stats.num_computed} segments computed "
+          f"({stats.compute_s:.1f} s), {stats.num_ram + stats.num_disk} found stored")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -147,6 +168,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise BadInput(f"num_chunks {plan.num_chunks} is above the size of collection "
                        f"{args.collection!r} ({len(col)} chunks)")
     config = _config(args)
+    if args.blend:
+        config = replace(config, blend=replace(config.blend, enabled=True))
 
     async def run():
         rt = build_runtime(config)

@@ -163,6 +163,74 @@ class BlendConfig:
 
 
 @dataclass(frozen=True)
+class SteerConfig:
+    """LLMSteer (arXiv 2411.13009) in the embedded engine: answer calls attend more to each
+    chunk's important tokens, chosen once per chunk without the query (see engines/local/steer.py).
+    Defaults: the best of a 16-point sweep on SmolLM2 / 10 SQuAD questions
+    (eval/results/bench_steer_sweep_squad_smollm2.md); steering every layer or alpha 5 hurt there."""
+
+    enabled: bool = False
+    """Steer every call over chunks (stuff, reduce, map_rerank, first refine step). A query's
+    `steer` flag overrides this; other engines ignore it."""
+    collections: tuple[str, ...] = ()
+    """Collections whose queries are steered when the query does not say (as `enabled`, per collection)."""
+    top_fraction: float = 0.2
+    """Per chunk and layer, each of the two query-free passes keeps its top k = ceil(top_fraction
+    * chunk tokens) tokens by attention received; the steering set is their intersection."""
+    alpha: float = 2.0
+    """Attention weights of the question and answer tokens toward steered tokens are multiplied
+    by alpha, then renormalized (log alpha added to their pre-softmax scores). 1 = no change."""
+    layers: str = "0.5:"
+    """Steered layers: all | START:END, a slice of layer indices (negatives count from the end;
+    values with a dot are fractions of the depth, e.g. 0.5: = the upper half) | i,j,k."""
+    score: str = "mean"
+    """How a token's importance is read from the attention it receives: sum (over the queries,
+    as the paper) | mean (per query that can see it: removes the causal bias toward a chunk's
+    first tokens, usually its title)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "collections", tuple(self.collections))
+        if self.score not in ("sum", "mean"):
+            raise ConfigError(f"steer.score={self.score!r} must be 'sum' or 'mean'")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"steer.top_fraction={self.top_fraction} must be in (0, 1]")
+        if not self.alpha > 0:
+            raise ConfigError(f"steer.alpha={self.alpha} must be > 0")
+        self.layer_indices(1000)   # a syntax check; the model's depth is known at engine start
+
+    def steers(self, collection: str) -> bool:
+        """Whether queries of `collection` are steered when they do not say."""
+        return self.enabled or collection in self.collections
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The steered layers of a model with `num_layers` layers, ascending."""
+        spec = str(self.layers).strip().replace(" ", "")
+
+        def bound(text: str, default: int) -> int:
+            if not text:
+                return default
+            value = float(text) * num_layers if "." in text else int(text)
+            value = int(round(value))
+            return value + num_layers if value < 0 else value
+
+        try:
+            if spec == "all":
+                picked = range(num_layers)
+            elif ":" in spec:
+                start, end = spec.split(":")
+                picked = range(max(0, bound(start, 0)), min(num_layers, bound(end, num_layers)))
+            else:
+                picked = [bound(x, 0) for x in spec.split(",")]
+        except ValueError:
+            raise ConfigError(f"steer.layers={self.layers!r}: use all, START:END or i,j,k") from None
+        out = tuple(sorted(set(picked)))
+        if not out or any(not 0 <= i < num_layers for i in out):
+            raise ConfigError(f"steer.layers={self.layers!r} selects {list(out)}, not layers of a "
+                              f"{num_layers}-layer model")
+        return out
+
+
+@dataclass(frozen=True)
 class VllmEndpoint:
     base_url: str
     """e.g. http://127.0.0.1:8001 (the server's root; /v1 is added by the client)."""
@@ -291,6 +359,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
     metis: MetisConfig = field(default_factory=MetisConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

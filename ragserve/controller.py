@@ -11,6 +11,7 @@ reservation.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import aclosing
@@ -154,24 +155,27 @@ class Controller:
         self.default_plan = default_plan
 
     async def query(self, question: str, collection: str, plan: RagPlan | None = None,
-                    filters: dict[str, Any] | None = None, slo_s: float | None = None) -> QueryResult:
-        async with aclosing(self._run(question, collection, plan, filters, slo_s, stream=False)) as events:
+                    filters: dict[str, Any] | None = None, slo_s: float | None = None,
+                    steer: bool | None = None) -> QueryResult:
+        """`steer` (LLMSteer in the embedded engine): None = config.steer for `collection`."""
+        async with aclosing(self._run(question, collection, plan, filters, slo_s, stream=False,
+                                      steer=steer)) as events:
             async for event in events:
                 result = event
         assert isinstance(result, QueryResult)
         return result
 
     def query_stream(self, question: str, collection: str, plan: RagPlan | None = None,
-                     filters: dict[str, Any] | None = None, slo_s: float | None = None
-                     ) -> AsyncIterator[StreamEvent]:
+                     filters: dict[str, Any] | None = None, slo_s: float | None = None,
+                     steer: bool | None = None) -> AsyncIterator[StreamEvent]:
         """`query` as events: `Planned`, then the answer's text pieces (streamed from the final
         call; in one piece for map_rerank), then the `QueryResult`. Close it (aclosing) when
         leaving early: that cancels its engine calls and releases the plan's reservation."""
-        return self._run(question, collection, plan, filters, slo_s, stream=True)
+        return self._run(question, collection, plan, filters, slo_s, stream=True, steer=steer)
 
     async def _run(self, question: str, collection: str, plan: RagPlan | None,
-                   filters: dict[str, Any] | None, slo_s: float | None, stream: bool
-                   ) -> AsyncIterator[StreamEvent]:
+                   filters: dict[str, Any] | None, slo_s: float | None, stream: bool,
+                   steer: bool | None = None) -> AsyncIterator[StreamEvent]:
         t0 = time.perf_counter()
         question = validate_question(question)
         col = self.retriever.collection(collection)
@@ -182,7 +186,8 @@ class Controller:
             raise BadInput(f"num_chunks {plan.num_chunks} is above the size of collection "
                            f"{collection!r} ({len(col)} chunks)")
         k = plan.num_chunks if plan else min(self.planner.max_chunks_needed, len(col))
-        hits, retrieve_s = self.retriever.retrieve(col, question, k, filters)
+        # Off the event loop: embedding the query and the index search take tens of ms.
+        hits, retrieve_s = await asyncio.to_thread(self.retriever.retrieve, col, question, k, filters)
         if not hits:
             raise BadInput(f"no chunk of collection {collection!r} matches filters {filters!r}")
 
@@ -192,7 +197,9 @@ class Controller:
             used = hits[: decision.plan.num_chunks]
             if stream:
                 yield Planned(decision.plan, tuple(used), decision.details or {})
-            program = build_program(question, [h.chunk for h in used], decision.plan, self.config.synthesis)
+            if steer is None:
+                steer = self.config.steer.steers(collection)
+            program = build_program(question, [h.chunk for h in used], decision.plan, self.config.synthesis, steer)
             program_t = time.perf_counter()
             final = answer_batch(decision.plan, len(used)) if stream else None
             async with aclosing(drive_program(self.engine, program, final)) as steps:

@@ -78,6 +78,9 @@ class LLMCall:
     # engine reuse their precomputed KV (CacheBlend). Ignored by engines that can't.
     chunk_ids: tuple[str, ...] = ()
     tag: str = ""                           # what the call is for ("map", "reduce", ...), for logs
+    # LLMSteer: attend more to the chunks' query-independent key tokens. None = the engine's
+    # default (steer.enabled); engines that can't steer ignore it.
+    steer: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
     else:
         from ragserve.engines.local.engine import LocalEngine
 
-        engine = LocalEngine(config.engine, blend=config.blend)
+        engine = LocalEngine(config.engine, blend=config.blend, steer=config.steer)
     embedder, learned = Embedder(), None
     if config.metis.learned_profiler:   # issue 7: the fast profiler, sharing the query embedding
         from ragserve.eval.learned import CachedQueryEmbedder, load_profiler

@@ -41,16 +41,17 @@ def _context(chunks: Sequence[Chunk]) -> str:
 
 
 def answer_call(question: str, chunks: Sequence[Chunk], max_tokens: int, tag: str = "stuff",
-                stop: tuple[str, ...] = ()) -> LLMCall:
+                stop: tuple[str, ...] = (), steer: bool | None = None) -> LLMCall:
     user = prompts.ANSWER.format(context=_context(chunks), question=question)
     return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop,
-                   chunk_ids=tuple(c.id for c in chunks), tag=tag)
+                   chunk_ids=tuple(c.id for c in chunks), tag=tag, steer=steer)
 
 
-def map_rerank_call(question: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = ()) -> LLMCall:
+def map_rerank_call(question: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = (),
+                    steer: bool | None = None) -> LLMCall:
     user = prompts.MAP_RERANK.format(context=_context([chunk]), question=question)
     return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop, logprobs=True,
-                   chunk_ids=(chunk.id,), tag="map_rerank")
+                   chunk_ids=(chunk.id,), tag="map_rerank", steer=steer)
 
 
 def map_summary_call(question: str, chunk: Chunk, max_tokens: int) -> LLMCall:
@@ -84,45 +85,50 @@ def pick_best(results: Sequence[LLMResult]) -> Candidate:
     return best
 
 
-def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config: SynthesisConfig) -> Program:
+def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config: SynthesisConfig,
+                  steer: bool | None = None) -> Program:
+    """`steer` (LLMSteer) goes on the calls that read passages in the answer layout (stuff,
+    map_rerank, reduce, first refine step); None leaves the engine's default."""
     chunks = list(chunks)[: plan.num_chunks]
     if not chunks:
         raise ValueError("a synthesis program needs at least one chunk")
     inter = plan.intermediate_tokens or config.default_intermediate_tokens
     out, stop = config.answer_tokens, tuple(config.answer_stop)
     if plan.method is Method.STUFF:
-        return _stuff(question, chunks, out, stop)
+        return _stuff(question, chunks, out, stop, steer)
     if plan.method is Method.MAP_RERANK:
-        return _map_rerank(question, chunks, out, stop)
+        return _map_rerank(question, chunks, out, stop, steer)
     if plan.method is Method.MAP_REDUCE:
-        return _map_reduce(question, chunks, inter, out, stop)
-    return _refine(question, chunks, inter, out, stop)
+        return _map_reduce(question, chunks, inter, out, stop, steer)
+    return _refine(question, chunks, inter, out, stop, steer)
 
 
-def _stuff(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...]) -> Program:
-    (result,) = yield [answer_call(question, chunks, out, stop=stop)]
+def _stuff(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...], steer: bool | None) -> Program:
+    (result,) = yield [answer_call(question, chunks, out, stop=stop, steer=steer)]
     return result.text
 
 
-def _map_rerank(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...]) -> Program:
-    results = yield [map_rerank_call(question, c, out, stop) for c in chunks]
+def _map_rerank(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...], steer: bool | None) -> Program:
+    results = yield [map_rerank_call(question, c, out, stop, steer) for c in chunks]
     return pick_best(results).text
 
 
-def _map_reduce(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...]) -> Program:
+def _map_reduce(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...],
+                steer: bool | None) -> Program:
     summaries = yield [map_summary_call(question, c, inter) for c in chunks]
     kept = [Chunk(id=c.id + "/summary", doc_id=c.doc_id, text=s.text, num_tokens=s.output_tokens, title=c.title)
             for c, s in zip(chunks, summaries) if s.text.strip() and not _is(s.text, prompts.NONE)]
     if not kept:   # nothing relevant anywhere: answer from the raw top chunk rather than from nothing
         kept = chunks[:1]
-    (result,) = yield [answer_call(question, kept, out, tag="reduce", stop=stop)]
+    (result,) = yield [answer_call(question, kept, out, tag="reduce", stop=stop, steer=steer)]
     return result.text
 
 
-def _refine(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...]) -> Program:
+def _refine(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...],
+            steer: bool | None) -> Program:
     # Intermediate answers are capped at `inter`; the last pass at the answer length.
     first_cap = out if len(chunks) == 1 else inter
-    (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=stop)]
+    (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=stop, steer=steer)]
     answer = result.text
     for i, chunk in enumerate(chunks[1:], start=2):
         (result,) = yield [refine_call(question, answer, chunk, out if i == len(chunks) else inter, stop)]

@@ -102,3 +102,20 @@ def test_bad_ingest_input_leaves_collection_untouched(cli_env, ingested, tmp_pat
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], r.stderr
     assert snapshot(cli_env, ingested) == before
+
+
+def test_precompute_kv_then_blended_query(cli_env, docs, tmp_path):
+    config = tmp_path / "blend.yaml"
+    config.write_text("blend:\n  min_tokens: 0\n")   # the test chunks are short: blend them anyway
+    first = ragserve("--config", str(config), "ingest", str(docs), "--collection", "kvnotes", "--no-progress",
+                     "--precompute-kv", env=cli_env)
+    assert first.returncode == 0, first.stderr
+    assert "chunk KV of 2 chunks: 3 segments computed" in first.stdout   # + the prompt prefix
+    assert list((Path(cli_env["RAGSERVE_DATA"]) / "kv").rglob("*.safetensors"))
+    again = ragserve("--config", str(config), "ingest", str(docs), "--collection", "kvnotes", "--no-progress",
+                     "--precompute-kv", env=cli_env)
+    assert again.returncode == 0 and "0 segments computed" in again.stdout
+    r = ragserve("--config", str(config), "query", "When did the oil crisis begin?", "--collection", "kvnotes",
+                 "--plan", "stuff:2", "--blend", "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["answer"].strip()

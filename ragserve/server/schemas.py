@@ -160,6 +160,8 @@ class QueryRequest(BaseModel):
                                      description="Cancel the query with 504 after this long "
                                                  "(at most server.request_timeout_s).")
     stream: bool = Field(False, description="Server-Sent Events: plan, then token pieces, then done.")
+    steer: bool | None = Field(None, description="LLMSteer: attend more to the chunks' key tokens "
+                                                 "(embedded engine); null = the server's steer config.")
 
     _query = field_validator("query")(_not_blank)
     _plan = field_validator("plan")(_check_plan)

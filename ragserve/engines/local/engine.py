@@ -15,16 +15,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
-from ragserve.config import BlendConfig, EngineConfig, data_dir, dtype_override, num_threads
-from ragserve.domain import EngineStats, LLMCall, LLMResult, ModelSpec
+from ragserve.config import BlendConfig, EngineConfig, SteerConfig, data_dir, dtype_override, num_threads
+from ragserve.domain import Chunk, EngineStats, LLMCall, LLMResult, ModelSpec
 from ragserve.errors import BadInput, EngineDead
-from ragserve.engines.local.blend import Blender, BlendUnsupported, as_batch, kv_spec
+from ragserve.engines.local.blend import (Blender, BlendUnsupported, GatherStats, as_batch, kv_spec,
+                                          precompute_chunks)
 from ragserve.engines.local.kv_store import KVStore, model_fingerprint
 from ragserve.engines.local.models import model_dir
 from ragserve.engines.local.runner import BatchKV, ModelRunner
 from ragserve.engines.local.segments import SegmentedPrompt, segment_call
+
+if TYPE_CHECKING:
+    from ragserve.engines.local.steer import Steerer, SteerRow
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
     finish: str = ""
-    segments: SegmentedPrompt | None = None   # CacheBlend: set when this call is prefilled by blending
+    segments: SegmentedPrompt | None = None   # the chunk layout, when blended or steered
+    blend: bool = False                       # CacheBlend: prefilled from stored chunk KV
+    steer: "SteerRow | None" = None           # LLMSteer: set at prefill when the call is steered
 
     @property
     def reserve(self) -> int:
@@ -53,9 +59,15 @@ class _Request:
 class LocalEngine:
     """Implements `ragserve.engines.base.Engine` in-process."""
 
-    def __init__(self, config: EngineConfig | None = None, blend: BlendConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, blend: BlendConfig | None = None,
+                 steer: SteerConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads(), dtype_override())
+        self._store: KVStore | None = None   # chunk KV (+ steering scores), made on first use
+        # -- LLMSteer (issue 9): made on the first steered call (any call may ask for it) --
+        self.steer_config = steer or SteerConfig()
+        self.steer_config.layer_indices(self.runner.model.config.num_hidden_layers)   # fail fast
+        self._steerer: "Steerer | None" = None
         # -- CacheBlend (issue 4) --------------------------------------------------------
         self.blend_config = blend or BlendConfig()
         self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
@@ -114,8 +126,8 @@ class LocalEngine:
             self._stopped = True
             self._cond.notify_all()
         await asyncio.to_thread(self._thread.join, 10)
-        if self.blender is not None:   # CacheBlend: let queued KV writes land
-            await asyncio.to_thread(self.blender.store.close)
+        if self._store is not None:   # let queued KV writes land
+            await asyncio.to_thread(self._store.close)
 
     # -- submission (caller's thread) -----------------------------------------------
     def _make_request(self, call: LLMCall, streaming: bool = False) -> _Request:
@@ -125,8 +137,12 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         request = _Request(call, prompt, loop, loop.create_future(),
                            asyncio.Queue() if streaming else None)
-        if self.blender is not None:
-            request.segments = self._blend_segments(call, prompt)
+        steer = self._wants_steer(call)
+        if self.blender is not None or steer:
+            segments = self._segments(call, prompt)
+            request.blend = (segments is not None and self.blender is not None
+                             and segments.num_chunk_tokens >= self.blend_config.min_tokens)
+            request.segments = segments if request.blend or steer else None
         limit = min(self.kv_capacity_tokens, self.config.max_context_tokens)
         if request.reserve > limit:
             raise BadInput(f"call needs {len(prompt)} prompt + {call.max_tokens} output tokens = "
@@ -181,12 +197,15 @@ class LocalEngine:
         return admitted
 
     def _prefill(self, admitted: list[_Request]) -> None:
-        plain = [r for r in admitted if r.segments is None]
+        for r in admitted:
+            if r.segments is not None and self._wants_steer(r.call):
+                r.steer = self._steer_row(r)
+        plain = [r for r in admitted if not r.blend]
         if plain:
-            kv, logits = self.runner.prefill([r.prompt for r in plain])
+            kv, logits = self.runner.prefill([r.prompt for r in plain], [r.steer for r in plain])
             self._join(plain, kv, logits)
         for r in admitted:
-            if r.segments is not None:
+            if r.blend:
                 self._join([r], *self._prefill_blended(r))
 
     def _join(self, rows: list[_Request], kv: BatchKV, logits) -> None:
@@ -196,36 +215,85 @@ class LocalEngine:
         self._emit(rows, logits)
 
     # -- CacheBlend (issue 4) -----------------------------------------------------------
+    def _kv_store(self) -> KVStore:
+        """The chunk KV store (disk tier under <data dir>/kv), shared by blending and steering."""
+        if self._store is None:
+            model_id = model_fingerprint(model_dir(self.config.model), self.config.model, self.runner.dtype)
+            self._store = KVStore(data_dir() / "kv", kv_spec(self.runner.model, model_id),
+                                  ram_budget_bytes=int(self.blend_config.ram_budget_mb * 2**20))
+        return self._store
+
     def _make_blender(self) -> Blender | None:
-        model = self.runner.model
-        model_id = model_fingerprint(model_dir(self.config.model), self.config.model, self.runner.dtype)
-        store = KVStore(data_dir() / "kv", kv_spec(model, model_id),
-                        ram_budget_bytes=int(self.blend_config.ram_budget_mb * 2**20))
         try:
-            return Blender(model, store)
+            return Blender(self.runner.model, self._kv_store())
         except BlendUnsupported as exc:
             logger.warning("blending disabled: %s", exc)
-            store.close()
             return None
 
-    def _blend_segments(self, call: LLMCall, prompt: list[int]) -> SegmentedPrompt | None:
-        """The call's segments when it should be blended, else None (prefilled normally)."""
+    def precompute_kv(self, chunks: Sequence[Chunk]) -> GatherStats:
+        """Store every chunk's KV for blending (`ragserve ingest --precompute-kv`). Runs on the
+        caller's thread: call it before serving, while the worker has nothing to run."""
+        if self.blender is None:
+            raise BadInput("precomputing chunk KV needs blending: enable blend (blend.enabled: true) "
+                           "with a model whose layers it supports")
+        with self._cond:
+            if self._waiting or self._running:
+                raise BadInput("precompute_kv runs before serving; this engine has calls in flight")
+        return precompute_chunks(self.blender, self.tokenizer, chunks)
+
+    def _segments(self, call: LLMCall, prompt: list[int]) -> SegmentedPrompt | None:
+        """The call's chunk layout, or None when it has none (prefilled normally, unsteered)."""
         segments = segment_call(self.tokenizer, call)
-        if segments is None or segments.num_chunk_tokens < self.blend_config.min_tokens:
+        if segments is None:
             return None
-        if list(segments.token_ids) != prompt:   # never blend a prompt other than the call's
-            logger.warning("blend: segmented prompt differs from the chat template's; prefilling normally")
+        if list(segments.token_ids) != prompt:   # never blend or steer a prompt other than the call's
+            logger.warning("segmented prompt differs from the chat template's; prefilling normally")
             return None
         return segments
+
+    # -- LLMSteer (issue 9) ----------------------------------------------------------------
+    @property
+    def steer_counters(self) -> dict[str, float]:
+        return self._steerer.counters.as_dict() if self._steerer is not None else {}
+
+    def _wants_steer(self, call: LLMCall) -> bool:
+        return call.steer if call.steer is not None else self.steer_config.enabled
+
+    def _steer_row(self, r: _Request) -> "SteerRow | None":
+        """The call's steering (scoring its chunks once, into the store); None = unsteered."""
+        assert r.segments is not None
+        try:
+            if self._steerer is None:
+                from ragserve.engines.local.steer import Steerer
+
+                self._steerer = Steerer(self.runner.model, self.tokenizer, self._kv_store(), self.steer_config)
+            return self._steerer.row(r.segments)
+        except Exception:   # like a failed blend: serve the call unsteered
+            logger.exception("steering failed; answering unsteered")
+            if self._steerer is not None:
+                self._steerer.counters.failures += 1
+            return None
+    # -- end LLMSteer ----------------------------------------------------------------------
 
     def _prefill_blended(self, r: _Request) -> tuple[BatchKV, Any]:
         assert self.blender is not None and r.segments is not None
         try:
+            if r.steer is not None:   # blend the context, then prefill the question steered
+                from ragserve.engines.local.steer import head_prompt
+
+                head = head_prompt(r.segments)
+                result = self.blender.blend(head, self.blend_config)
+                self._count_blend(r, result)
+                return self.runner.extend(result.cache, r.prompt, len(head), r.steer)
             result = self.blender.blend(r.segments, self.blend_config)
         except Exception:   # a bad store entry or model quirk must not fail the call
             logger.exception("blend failed; prefilling normally")
             self.blend_counters["fallbacks"] += 1
-            return self.runner.prefill([r.prompt])
+            return self.runner.prefill([r.prompt], [r.steer])
+        self._count_blend(r, result)
+        return as_batch(result)
+
+    def _count_blend(self, r: _Request, result: Any) -> None:
         c = self.blend_counters
         c["blended_calls"] += 1
         c["reused_tokens"] += result.num_reused
@@ -235,12 +303,12 @@ class LocalEngine:
                     "%.0f%% of a prefill's work", r.call.tag or "call", result.num_tokens, result.num_reused,
                     result.gather.num_ram, result.gather.num_disk, result.gather.num_computed,
                     result.num_recomputed, 100 * result.compute_fraction)
-        return as_batch(result)
     # -- end CacheBlend ------------------------------------------------------------------
 
     def _decode(self) -> None:
         assert self._kv is not None
-        self._kv, logits = self.runner.decode_step(self._kv, [r.output[-1] for r in self._running])
+        self._kv, logits = self.runner.decode_step(self._kv, [r.output[-1] for r in self._running],
+                                                   [r.steer for r in self._running])
         self._emit(self._running, logits)
 
     def _emit(self, rows: list[_Request], logits) -> None:

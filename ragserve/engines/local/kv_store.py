@@ -16,6 +16,9 @@ Tiers:
           at once and a background thread writes the file (tmp + fsync + os.replace, so a
           crash never leaves a partial file under the final name). An entry evicted from
           RAM before its write completes is still written: the queue holds a reference.
+An entry may carry small side tensors ("extras", e.g. LLMSteer's attention scores of the
+chunk) under a name: same key, file `<key>.<name>.safetensors`, sharing the RAM LRU; they are
+written at once (a few KB, computed once per chunk) and checked like entries.
 A disk entry carries metadata (model id, dtype, layout, shape, token-id hash, CRC32 of the
 tensor bytes) that is checked on every load. A truncated, corrupt or mismatching file is
 logged at WARNING, deleted and reported as a miss; the caller recomputes and re-stores.
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import re
 import struct
 import threading
 import time
@@ -44,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUT = "pre_rope"
 FORMAT_VERSION = "1"
+_EXTRA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,21 @@ def _crc(*tensors: torch.Tensor) -> int:
     return crc
 
 
+def _nbytes(value: ChunkKV | torch.Tensor) -> int:
+    return value.nbytes if isinstance(value, ChunkKV) else value.numel() * value.element_size()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """tmp + fsync + os.replace: a crash never leaves a partial file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _header_metadata(data: bytes) -> dict[str, str]:
     """The `__metadata__` of a safetensors blob (8-byte length, then a JSON header)."""
     (n,) = struct.unpack("<Q", data[:8])
@@ -126,7 +146,8 @@ class KVStore:
         self.dir = Path(root) / spec.model_id
         self.ram_budget_bytes = ram_budget_bytes
         self.stats = StoreStats()
-        self._ram: OrderedDict[str, ChunkKV] = OrderedDict()
+        # entries by key; extras by "<key>.<name>" (a key is hex, so the two never collide)
+        self._ram: OrderedDict[str, ChunkKV | torch.Tensor] = OrderedDict()
         self._ram_bytes = 0
         self._lock = threading.Lock()
         self._pending: dict[str, ChunkKV] = {}   # queued for the disk writer (still readable)
@@ -152,7 +173,7 @@ class KVStore:
         """`get` that also says where the entry came from: "ram" | "disk" | "miss"."""
         with self._lock:
             kv = self._ram.get(key)
-            if kv is not None:
+            if isinstance(kv, ChunkKV):
                 self._ram.move_to_end(key)
                 self.stats.ram_hits += 1
                 return kv, "ram"
@@ -184,6 +205,61 @@ class KVStore:
         else:
             self._write(key, kv)
 
+    def get_extra(self, key: str, name: str) -> torch.Tensor | None:
+        """The side tensor `name` of entry `key` (RAM, then disk, verified); None when absent."""
+        ram_key = self._extra_ram_key(key, name)
+        with self._lock:
+            value = self._ram.get(ram_key)
+            if isinstance(value, torch.Tensor):
+                self._ram.move_to_end(ram_key)
+                return value
+        path = self.extra_path(key, name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            meta = _header_metadata(data)
+            tensor = st_load(data)["tensor"]
+            expect = {"format": FORMAT_VERSION, "model_id": self.spec.model_id, "key": key, "name": name}
+            for field_name, want in expect.items():
+                if meta.get(field_name) != want:
+                    raise ValueError(f"metadata {field_name}={meta.get(field_name)!r}, expected {want!r}")
+            if _crc(tensor) != int(meta["crc32"]):
+                raise ValueError("checksum mismatch")
+        except Exception as exc:
+            logger.warning("KV store: rejecting %s (%s); deleting it, it will be recomputed", path, exc)
+            with self._lock:
+                self.stats.corrupt += 1
+            path.unlink(missing_ok=True)
+            return None
+        with self._lock:
+            self._insert(ram_key, tensor)
+        return tensor
+
+    def put_extra(self, key: str, name: str, tensor: torch.Tensor) -> None:
+        """Store the side tensor `name` of entry `key` in RAM and (synchronously) on disk."""
+        ram_key = self._extra_ram_key(key, name)
+        tensor = tensor.detach().contiguous().cpu()
+        with self._lock:
+            self._insert(ram_key, tensor)
+        path = self.extra_path(key, name)
+        meta = {"format": FORMAT_VERSION, "model_id": self.spec.model_id, "key": key, "name": name,
+                "crc32": str(_crc(tensor))}
+        try:
+            _atomic_write(path, st_save({"tensor": tensor}, metadata=meta))
+        except OSError:   # a full disk must not fail the call: the tensor stays in RAM
+            logger.exception("KV store: writing %s failed", path)
+
+    def extra_path(self, key: str, name: str) -> Path:
+        return self.dir / key[:2] / f"{key}.{name}.safetensors"
+
+    @staticmethod
+    def _extra_ram_key(key: str, name: str) -> str:
+        if not _EXTRA_NAME.fullmatch(name):
+            raise ValueError(f"extra name {name!r} must match {_EXTRA_NAME.pattern}")
+        return f"{key}.{name}"
+
     def contains(self, key: str) -> bool:
         with self._lock:
             if key in self._ram or key in self._pending:
@@ -212,16 +288,16 @@ class KVStore:
             self._queue = None
 
     # -- RAM tier -----------------------------------------------------------------------
-    def _insert(self, key: str, kv: ChunkKV) -> None:
+    def _insert(self, key: str, kv: ChunkKV | torch.Tensor) -> None:
         """Add as most recent and evict least recent past the byte budget (lock held)."""
         old = self._ram.pop(key, None)
         if old is not None:
-            self._ram_bytes -= old.nbytes
+            self._ram_bytes -= _nbytes(old)
         self._ram[key] = kv
-        self._ram_bytes += kv.nbytes
+        self._ram_bytes += _nbytes(kv)
         while self._ram_bytes > self.ram_budget_bytes and len(self._ram) > 1:
             _, evicted = self._ram.popitem(last=False)
-            self._ram_bytes -= evicted.nbytes
+            self._ram_bytes -= _nbytes(evicted)
 
     def _check(self, kv: ChunkKV) -> None:
         s = self.spec
@@ -261,14 +337,7 @@ class KVStore:
                 "layout": LAYOUT, "num_layers": str(keys.shape[0]), "num_kv_heads": str(keys.shape[1]),
                 "num_tokens": str(keys.shape[2]), "head_dim": str(keys.shape[3]), "key": key,
                 "crc32": str(_crc(keys, values))}
-        data = st_save({"keys": keys, "values": values}, metadata=meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _atomic_write(path, st_save({"keys": keys, "values": values}, metadata=meta))
         self.stats.writes += 1
 
     def _read(self, key: str, num_tokens: int | None) -> ChunkKV | None:

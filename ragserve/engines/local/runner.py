@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from ragserve.domain import LLMCall, ModelSpec
+
+if TYPE_CHECKING:   # steer.py imports transformers' attention registries; only steered calls need it
+    from ragserve.engines.local.steer import SteerRow
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +143,22 @@ class ModelRunner:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- forward passes -------------------------------------------------------------
+    @staticmethod
+    def _steer_kwargs(rows: "Sequence[SteerRow | None] | None", seq_lens: Sequence[int], num_keys: int,
+                      num_queries: int) -> dict:
+        """The model kwargs that steer `rows` (LLMSteer), or none when no row is steered."""
+        if not rows or all(r is None for r in rows):
+            return {}
+        from ragserve.engines.local.steer import SteerBatch
+
+        batch = SteerBatch.build(rows, seq_lens, num_keys, num_queries)
+        return {} if batch is None else {"steer": batch}
+
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> tuple[BatchKV, torch.Tensor]:
-        """Prefill left-padded prompts; returns their KV and last-token logits [b, V]."""
+    def prefill(self, prompts: list[list[int]], steer: "Sequence[SteerRow | None] | None" = None
+                ) -> tuple[BatchKV, torch.Tensor]:
+        """Prefill left-padded prompts; returns their KV and last-token logits [b, V].
+        `steer` (one per prompt, None = unsteered) steers their questions (see steer.py)."""
         t = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), t), dtype=torch.long)
@@ -153,16 +169,33 @@ class ModelRunner:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         **self._steer_kwargs(steer, [len(p) for p in prompts], t, t))
         return BatchKV(cache, mask, mask.sum(-1)), out.logits[:, -1, :].float()
 
     @torch.inference_mode()
-    def decode_step(self, kv: BatchKV, last_tokens: list[int]) -> tuple[BatchKV, torch.Tensor]:
-        """Feed one token per row; returns the grown KV and next-token logits [B, V]."""
+    def extend(self, cache: DynamicCache, prompt: Sequence[int], start: int,
+               steer: "SteerRow | None" = None) -> tuple[BatchKV, torch.Tensor]:
+        """Prefill `prompt[start:]` of one call whose first `start` tokens' KV is in `cache`
+        (e.g. blended); returns the call's KV and last-token logits [1, V]."""
+        n = len(prompt)
+        ids = torch.tensor([list(prompt[start:])], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, n, device=self.device).view(1, -1)
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1, **self._steer_kwargs([steer], [n], n, n - start))
+        mask = torch.ones((1, n), dtype=torch.long, device=self.device)
+        return BatchKV(cache, mask, torch.tensor([n], device=self.device)), out.logits[:, -1, :].float()
+
+    @torch.inference_mode()
+    def decode_step(self, kv: BatchKV, last_tokens: list[int], steer: "Sequence[SteerRow | None] | None" = None
+                    ) -> tuple[BatchKV, torch.Tensor]:
+        """Feed one token per row; returns the grown KV and next-token logits [B, V].
+        `steer` (one per row, None = unsteered) steers the new tokens (see steer.py)."""
         tokens = torch.tensor(last_tokens, dtype=torch.long)
         mask = torch.cat([kv.mask, torch.ones((kv.size, 1), dtype=kv.mask.dtype, device=kv.mask.device)], -1)
         out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=mask,
-                         position_ids=kv.positions.view(-1, 1), past_key_values=kv.cache, use_cache=True)
+                         position_ids=kv.positions.view(-1, 1), past_key_values=kv.cache, use_cache=True,
+                         **self._steer_kwargs(steer, (kv.positions + 1).tolist(), mask.shape[1], 1))
         return BatchKV(kv.cache, mask, kv.positions + 1), out.logits[:, -1, :].float()
 
     @staticmethod
