@@ -114,6 +114,9 @@ class MetisConfig:
     """Path of a learned profiler (ragserve tune train-profiler); None = the LLM profiler."""
     descriptions: dict[str, str] = field(default_factory=dict)
     """One-line description per collection for the profiler; default is derived from titles."""
+    profiler_endpoint: VllmEndpoint | None = None
+    """Run the LLM profiler on this OpenAI-compatible endpoint ({base_url, model[, api_key]}, e.g.
+    a larger model on vLLM) instead of the serving engine. None = the serving engine."""
 
 
 @dataclass(frozen=True)
@@ -337,19 +340,22 @@ class ServerConfig:
         return replace(self, api_keys=self.api_keys + extra) if extra else self
 
 
+def _endpoint(where: str, ep: Any) -> VllmEndpoint:
+    allowed = {f.name for f in fields(VllmEndpoint)}
+    if not isinstance(ep, dict) or not {"base_url", "model"} <= ep.keys() or not ep.keys() <= allowed:
+        raise ConfigError(f"{where} = {ep!r}: needs base_url and model; "
+                          f"allowed keys: {', '.join(sorted(allowed))}")
+    return VllmEndpoint(**ep)
+
+
 def _coerce(section: str, key: str, value: Any) -> Any:
     """YAML gives lists and dicts; frozen settings hold tuples and dataclasses."""
     if section == "vllm" and key == "endpoints":
         if not isinstance(value, list):
             raise ConfigError(f"vllm.endpoints must be a list of {{base_url, model}} mappings, got {value!r}")
-        allowed = {f.name for f in fields(VllmEndpoint)}
-        out = []
-        for i, ep in enumerate(value):
-            if not isinstance(ep, dict) or not {"base_url", "model"} <= ep.keys() or not ep.keys() <= allowed:
-                raise ConfigError(f"vllm.endpoints[{i}] = {ep!r}: needs base_url and model; "
-                                  f"allowed keys: {', '.join(sorted(allowed))}")
-            out.append(VllmEndpoint(**ep))
-        return tuple(out)
+        return tuple(_endpoint(f"vllm.endpoints[{i}]", ep) for i, ep in enumerate(value))
+    if section == "metis" and key == "profiler_endpoint":
+        return None if value is None else _endpoint("metis.profiler_endpoint", value)
     return tuple(value) if isinstance(value, list) else value
 
 

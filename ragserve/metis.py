@@ -42,8 +42,12 @@ class _Pending:
 class MetisPlanner:
     """Implements the controller's `Planner` protocol."""
 
-    def __init__(self, engine: Engine, config: Config, learned: LearnedProfiler | None = None) -> None:
+    def __init__(self, engine: Engine, config: Config, learned: LearnedProfiler | None = None,
+                 profiler: Any = None) -> None:
         self.engine = engine
+        # The LLM profiler's engine: the serving engine, or `metis.profiler_endpoint` (anything
+        # with `generate`). It only answers profile and feedback-review calls.
+        self.profiler = profiler or engine
         self.config = config
         mc = config.metis
         rules = PlannerRules.load(mc.rules_file) if mc.rules_file else PlannerRules()
@@ -99,7 +103,7 @@ class MetisPlanner:
         if self.learned is not None:
             return self.learned.profile(question)
         examples = self.feedback.examples or SEED_EXAMPLES
-        return await run_llm_profiler(self.engine, builder, question, examples)
+        return await run_llm_profiler(self.profiler, builder, question, examples)
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
         return profile_builder(self._builders, self.config, collection)
@@ -173,7 +177,7 @@ class MetisPlanner:
             finally:
                 self.done(Decision(decision.plan, job_id=job.id))
             call = self.feedback.review_call(self._builder(collection), question, run.answer, used)
-            (result,) = await self.engine.generate([call])
+            (result,) = await self.profiler.generate([call])
             example = self.feedback.add_result(question, result)
             logger.info("feedback: golden plan %s -> example %s", golden, example.profile.to_json() if example else None)
         except Exception:   # feedback is best effort; never fail user queries for it
@@ -184,6 +188,8 @@ class MetisPlanner:
             task.cancel()
         if self._pump_task:
             self._pump_task.cancel()
+        if self.profiler is not self.engine:
+            await self.profiler.close()
 
 
 def blend_fraction(config: Config) -> float:

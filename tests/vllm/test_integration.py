@@ -250,3 +250,23 @@ def test_two_endpoints_one_killed_mid_run_loses_no_query(vllm_url, small_squad, 
     assert all(n > 0 for n in calls_per_replica), calls_per_replica   # load-aware routing used both
     assert any("taken out" in m for m in caplog.messages)
     assert any("moves from" in m and url2 in m for m in caplog.messages)
+
+
+# -- the METIS profiler on an OpenAI-compatible endpoint -------------------------------------------
+def test_profiler_on_an_endpoint_beside_the_serving_engine(vllm_url):
+    """metis.profiler_endpoint: the profile comes from the endpoint's model with log-prob confidence."""
+    from ragserve.engines.vllm.endpoint import EndpointGenerator
+    from ragserve.profiler import SEED_EXAMPLES, ProfilePromptBuilder, ProfileSource, run_llm_profiler
+
+    async def run():
+        gen = EndpointGenerator(VllmEndpoint(vllm_url, MODEL))
+        try:
+            builder = ProfilePromptBuilder("Wikipedia paragraphs", 256)
+            return await run_llm_profiler(gen, builder, "Who proclaimed the 1973 oil embargo?", SEED_EXAMPLES)
+        finally:
+            await gen.close()
+
+    profile = asyncio.run(run())
+    assert profile.source is ProfileSource.LLM
+    assert 0 < profile.confidence <= 1 and 1 <= profile.pieces <= 10
+
