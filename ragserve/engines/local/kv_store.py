@@ -38,7 +38,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load as st_load
@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 LAYOUT = "pre_rope"
 FORMAT_VERSION = "1"
+_T = TypeVar("_T")
 _EXTRA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -214,11 +215,8 @@ class KVStore:
                 self._ram.move_to_end(ram_key)
                 return value
         path = self.extra_path(key, name)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
+
+        def decode(data: bytes) -> torch.Tensor:
             meta = _header_metadata(data)
             tensor = st_load(data)["tensor"]
             expect = {"format": FORMAT_VERSION, "model_id": self.spec.model_id, "key": key, "name": name}
@@ -227,11 +225,10 @@ class KVStore:
                     raise ValueError(f"metadata {field_name}={meta.get(field_name)!r}, expected {want!r}")
             if _crc(tensor) != int(meta["crc32"]):
                 raise ValueError("checksum mismatch")
-        except Exception as exc:
-            logger.warning("KV store: rejecting %s (%s); deleting it, it will be recomputed", path, exc)
-            with self._lock:
-                self.stats.corrupt += 1
-            path.unlink(missing_ok=True)
+            return tensor
+
+        tensor = self._load_verified(path, decode)
+        if tensor is None:
             return None
         with self._lock:
             self._insert(ram_key, tensor)
@@ -341,23 +338,27 @@ class KVStore:
         self.stats.writes += 1
 
     def _read(self, key: str, num_tokens: int | None) -> ChunkKV | None:
-        path = self.path(key)
         t0 = time.perf_counter()
+        kv = self._load_verified(self.path(key), lambda data: self._decode(key, data, num_tokens))
+        if kv is not None:
+            self.stats.disk_read_s += time.perf_counter() - t0
+        return kv
+
+    def _load_verified(self, path: Path, decode: Callable[[bytes], _T]) -> _T | None:
+        """Read and decode (verify) `path`: None when absent; a file that fails to decode is
+        logged, deleted and counted corrupt, so the caller recomputes it."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            kv = self._decode(key, data, num_tokens)
+            return decode(data)
         except Exception as exc:
-            logger.warning("KV store: rejecting %s (%s); deleting it, the segment will be recomputed",
-                           path, exc)
+            logger.warning("KV store: rejecting %s (%s); deleting it, it will be recomputed", path, exc)
             with self._lock:
                 self.stats.corrupt += 1
             path.unlink(missing_ok=True)
             return None
-        self.stats.disk_read_s += time.perf_counter() - t0
-        return kv
 
     def _decode(self, key: str, data: bytes, num_tokens: int | None) -> ChunkKV:
         meta = _header_metadata(data)
