@@ -144,12 +144,16 @@ class ModelRunner:
 
     # -- forward passes -------------------------------------------------------------
     @staticmethod
-    def _steer_kwargs(rows: "Sequence[SteerRow | None] | None", seq_lens: Sequence[int], num_keys: int,
-                      num_queries: int) -> dict:
-        """The model kwargs that steer `rows` (LLMSteer), or none when no row is steered."""
+    def _steer_kwargs(rows: "Sequence[SteerRow | None] | None", seq_lens: Sequence[int] | torch.Tensor,
+                      num_keys: int, num_queries: int) -> dict:
+        """The model kwargs that steer `rows` (LLMSteer), or none when no row is steered.
+        `seq_lens` may be a tensor: it is read only when a row is steered (decode's hot path)."""
         if not rows or all(r is None for r in rows):
             return {}
         from ragserve.engines.local.steer import SteerBatch
+
+        if isinstance(seq_lens, torch.Tensor):
+            seq_lens = seq_lens.tolist()
 
         batch = SteerBatch.build(rows, seq_lens, num_keys, num_queries)
         return {} if batch is None else {"steer": batch}
@@ -193,10 +197,11 @@ class ModelRunner:
         `steer` (one per row, None = unsteered) steers the new tokens (see steer.py)."""
         tokens = torch.tensor(last_tokens, dtype=torch.long)
         mask = torch.cat([kv.mask, torch.ones((kv.size, 1), dtype=kv.mask.dtype, device=kv.mask.device)], -1)
+        grown = kv.positions + 1   # each row's length once this token is in
         out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=mask,
                          position_ids=kv.positions.view(-1, 1), past_key_values=kv.cache, use_cache=True,
-                         **self._steer_kwargs(steer, (kv.positions + 1).tolist(), mask.shape[1], 1))
-        return BatchKV(kv.cache, mask, kv.positions + 1), out.logits[:, -1, :].float()
+                         **self._steer_kwargs(steer, grown, mask.shape[1], 1))
+        return BatchKV(kv.cache, mask, grown), out.logits[:, -1, :].float()
 
     @staticmethod
     def sample(logits: torch.Tensor, temperatures: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
