@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--chunk-tokens", type=int, help="chunk size in model tokens (default 256)")
     ing.add_argument("--precompute-kv", action="store_true",
                      help="CacheBlend: store every chunk's KV now (data dir kv/), so blended queries reuse it")
+    ing.add_argument("--steer", action="store_true",
+                     help="with --precompute-kv: also store each chunk's LLMSteer scores (steered queries "
+                          "then skip the two scoring prefills)")
     ing.add_argument("--no-progress", action="store_true")
 
     q = sub.add_parser("query", help="answer a question over a collection")
@@ -41,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="metadata filter, e.g. doc_id=test-Bed003 (repeatable)")
     q.add_argument("--blend", action="store_true",
                    help="CacheBlend: prefill from stored chunk KV (as blend.enabled in config)")
+    q.add_argument("--steer", action=argparse.BooleanOptionalAction, default=None,
+                   help="LLMSteer in the embedded engine: attend more to the chunks' key tokens "
+                        "(default: steer in config for the collection)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = sub.add_parser("demo", help="ingest the squad corpus, answer a few questions, print plan/timings/F1")
@@ -134,24 +140,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(f"collection {report.collection}: +{report.added} chunks, {report.skipped} already stored, "
           f"{report.removed} replaced, from {report.num_documents} documents; "
           f"{report.num_chunks_total} chunks total ({report.elapsed_s:.1f} s)")
+    if args.steer and not args.precompute_kv:
+        from ragserve.errors import BadInput
+        raise BadInput("--steer stores steering scores with the chunk KV: add --precompute-kv")
     if args.precompute_kv:
-        _precompute_kv(config, args.collection)
+        _precompute_kv(config, args.collection, args.steer)
     return 0
 
 
-def _precompute_kv(config: Config, collection: str) -> None:
+def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None:
     from ragserve.engines.local.engine import LocalEngine
     from ragserve.retrieval.store import Collection
 
     chunks = list(Collection.open(collection).iter_chunks())
     engine = LocalEngine(config.engine, blend=replace(config.blend, enabled=True))
     try:
-        stats = engine.precompute_kv(chunks)
+        stats = engine.precompute_kv(chunks, steer=steer)
+        counters = engine.steer_counters
     finally:
         asyncio.run(engine.close())
     # segments = each chunk plus the answer prompt's shared prefix
     print(f"chunk KV of {len(chunks)} chunks: {stats.num_computed} segments computed "
           f"({stats.compute_s:.1f} s), {stats.num_ram + stats.num_disk} found stored")
+    if steer:
+        print(f"steering scores of {len(chunks)} chunks: {int(counters['scored_chunks'])} computed "
+              f"({counters['score_s']:.1f} s), {int(counters['stored_chunks'])} found stored")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -174,7 +187,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     async def run():
         rt = build_runtime(config)
         try:
-            return await rt.controller.query(args.question, args.collection, plan, filters)
+            return await rt.controller.query(args.question, args.collection, plan, filters, steer=args.steer)
         finally:
             await rt.close()
 

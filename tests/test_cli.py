@@ -119,3 +119,20 @@ def test_precompute_kv_then_blended_query(cli_env, docs, tmp_path):
                  "--plan", "stuff:2", "--blend", "--json", env=cli_env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["answer"].strip()
+
+
+def test_precompute_steer_scores_then_steered_query(cli_env, docs, tmp_path):
+    config = tmp_path / "blend.yaml"
+    config.write_text("blend:\n  min_tokens: 0\n")
+    args = ("--config", str(config), "ingest", str(docs), "--collection", "steernotes", "--no-progress")
+    bad = ragserve(*args, "--steer", env=cli_env)
+    assert bad.returncode == 2 and "add --precompute-kv" in bad.stderr
+    first = ragserve(*args, "--precompute-kv", "--steer", env=cli_env)
+    assert first.returncode == 0, first.stderr
+    assert "steering scores of 2 chunks: 2 computed" in first.stdout
+    again = ragserve(*args, "--precompute-kv", "--steer", env=cli_env)
+    assert again.returncode == 0 and "0 computed (0.0 s), 2 found stored" in again.stdout, again.stdout
+    r = ragserve("--config", str(config), "query", "When did the oil crisis begin?", "--collection", "steernotes",
+                 "--plan", "stuff:2", "--steer", "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["answer"].strip()

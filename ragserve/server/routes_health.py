@@ -15,9 +15,8 @@ router = APIRouter(tags=["health"])
 
 
 def engine_alive(engine: Any) -> bool:
-    """The embedded engine's worker thread runs; other engines answer stats()."""
-    thread = getattr(engine, "_thread", None)
-    if thread is not None and not thread.is_alive():
+    """The engine says it is alive (the embedded one: its worker thread runs) and answers stats()."""
+    if not getattr(engine, "alive", True):
         return False
     try:
         engine.stats()

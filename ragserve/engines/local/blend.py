@@ -184,16 +184,20 @@ class Blender:
                            compute_fraction=out.token_layers / (T * L), gather=gather)
 
 
-def precompute_chunks(blender: Blender, tokenizer: Any, chunks: Sequence[Chunk]) -> GatherStats:
+def precompute_chunks(blender: Blender, tokenizer: Any, chunks: Sequence[Chunk],
+                      steerer: Any = None) -> GatherStats:
     """Store the KV of `chunks` (and of the answer prompt's prefix) before any query
-    (`ragserve ingest --precompute-kv`). Each chunk goes through a one-chunk answer prompt, so
-    its ids and context are exactly those `segment_call` gives it inside a real prompt."""
+    (`ragserve ingest --precompute-kv`); with a `Steerer`, also each chunk's LLMSteer scores.
+    Each chunk goes through a one-chunk answer prompt, so its ids and context are exactly
+    those `segment_call` gives it inside a real prompt."""
     total = GatherStats()
     for chunk in chunks:
         prompt = segment_call(tokenizer, answer_call("?", [chunk], max_tokens=1))
         if prompt is None:
             continue
         stats = blender.precompute(prompt)
+        if steerer is not None:
+            steerer.precompute(prompt)
         total.num_ram += stats.num_ram
         total.num_disk += stats.num_disk
         total.num_computed += stats.num_computed

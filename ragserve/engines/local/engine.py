@@ -49,6 +49,7 @@ class _Request:
     finish: str = ""
     segments: SegmentedPrompt | None = None   # the chunk layout, when blended or steered
     blend: bool = False                       # CacheBlend: prefilled from stored chunk KV
+    wants_steer: bool = False                 # LLMSteer asked for (call.steer or the config)
     steer: "SteerRow | None" = None           # LLMSteer: set at prefill when the call is steered
 
     @property
@@ -92,6 +93,11 @@ class LocalEngine:
 
     def prompt_tokens(self, call: LLMCall) -> int:
         return len(self.runner.encode_call(call))
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (/readyz)."""
+        return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -137,7 +143,7 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         request = _Request(call, prompt, loop, loop.create_future(),
                            asyncio.Queue() if streaming else None)
-        steer = self._wants_steer(call)
+        request.wants_steer = steer = self._wants_steer(call)
         if self.blender is not None or steer:
             segments = self._segments(call, prompt)
             request.blend = (segments is not None and self.blender is not None
@@ -198,7 +204,7 @@ class LocalEngine:
 
     def _prefill(self, admitted: list[_Request]) -> None:
         for r in admitted:
-            if r.segments is not None and self._wants_steer(r.call):
+            if r.segments is not None and r.wants_steer:
                 r.steer = self._steer_row(r)
         plain = [r for r in admitted if not r.blend]
         if plain:
@@ -230,16 +236,17 @@ class LocalEngine:
             logger.warning("blending disabled: %s", exc)
             return None
 
-    def precompute_kv(self, chunks: Sequence[Chunk]) -> GatherStats:
-        """Store every chunk's KV for blending (`ragserve ingest --precompute-kv`). Runs on the
-        caller's thread: call it before serving, while the worker has nothing to run."""
+    def precompute_kv(self, chunks: Sequence[Chunk], steer: bool = False) -> GatherStats:
+        """Store every chunk's KV for blending (`ragserve ingest --precompute-kv`) and, with
+        `steer`, its LLMSteer scores beside it. Runs on the caller's thread: call it before
+        serving, while the worker has nothing to run."""
         if self.blender is None:
             raise BadInput("precomputing chunk KV needs blending: enable blend (blend.enabled: true) "
                            "with a model whose layers it supports")
         with self._cond:
             if self._waiting or self._running:
                 raise BadInput("precompute_kv runs before serving; this engine has calls in flight")
-        return precompute_chunks(self.blender, self.tokenizer, chunks)
+        return precompute_chunks(self.blender, self.tokenizer, chunks, self._get_steerer() if steer else None)
 
     def _segments(self, call: LLMCall, prompt: list[int]) -> SegmentedPrompt | None:
         """The call's chunk layout, or None when it has none (prefilled normally, unsteered)."""
@@ -259,15 +266,18 @@ class LocalEngine:
     def _wants_steer(self, call: LLMCall) -> bool:
         return call.steer if call.steer is not None else self.steer_config.enabled
 
+    def _get_steerer(self) -> "Steerer":
+        if self._steerer is None:
+            from ragserve.engines.local.steer import Steerer
+
+            self._steerer = Steerer(self.runner.model, self.tokenizer, self._kv_store(), self.steer_config)
+        return self._steerer
+
     def _steer_row(self, r: _Request) -> "SteerRow | None":
         """The call's steering (scoring its chunks once, into the store); None = unsteered."""
         assert r.segments is not None
         try:
-            if self._steerer is None:
-                from ragserve.engines.local.steer import Steerer
-
-                self._steerer = Steerer(self.runner.model, self.tokenizer, self._kv_store(), self.steer_config)
-            return self._steerer.row(r.segments)
+            return self._get_steerer().row(r.segments)
         except Exception:   # like a failed blend: serve the call unsteered
             logger.exception("steering failed; answering unsteered")
             if self._steerer is not None:
