@@ -134,6 +134,8 @@ class BlendConfig:
     mode: str = "single"
     """single: one check layer picks r (LMCache). gradual: the kept share falls linearly from
     min(1, 2r) at the first check layer to r at the last (the paper's gradual filtering)."""
+    deviation: str = "key"
+    """What the check layer compares, reused vs fresh: "key" (LMCache) or "value"."""
     min_tokens: int = 256
     """Prefill normally when a call's chunks hold fewer tokens than this."""
     ram_budget_mb: float = 1024.0
@@ -145,6 +147,8 @@ class BlendConfig:
             raise ConfigError(f"blend.ratio={self.ratio} must be in [0, 1]")
         if self.mode not in ("single", "gradual"):
             raise ConfigError(f"blend.mode={self.mode!r} must be 'single' or 'gradual'")
+        if self.deviation not in ("key", "value"):
+            raise ConfigError(f"blend.deviation={self.deviation!r} must be 'key' or 'value'")
         if any(x < 1 for x in self.check_layers) or len(set(self.check_layers)) != len(self.check_layers):
             raise ConfigError(f"blend.check_layers={list(self.check_layers)} must be distinct layers >= 1")
         if self.mode == "single" and len(self.check_layers) > 1:

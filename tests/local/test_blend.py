@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from ragserve.config import BlendConfig, EngineConfig
+from ragserve.errors import ConfigError
 from ragserve.domain import Chunk, LLMCall
 from ragserve.engines.local.blend import Blender, kv_spec, precompute_chunks, to_cache
 from ragserve.engines.local.kv_store import KVStore
@@ -193,6 +194,14 @@ def test_single_mode_keeps_ratio_of_reused_plus_fresh(blender, prompt):
     want = prompt.num_fresh_tokens + math.ceil(0.15 * prompt.num_reused_tokens)
     assert result.num_active == [(1, want)] and result.num_recomputed == want
     assert result.compute_fraction < 0.35
+
+
+def test_value_deviation_keeps_the_same_budget(blender, prompt):
+    by_key = blender.blend(prompt, BlendConfig(ratio=0.15))
+    by_value = blender.blend(prompt, BlendConfig(ratio=0.15, deviation="value"))
+    assert by_value.num_active == by_key.num_active        # same budget, chosen by the values' deviation
+    with pytest.raises(ConfigError, match="deviation"):
+        BlendConfig(deviation="query")
 
 
 def test_gradual_mode_selects_decreasing_counts(blender, prompt):

@@ -158,7 +158,7 @@ class Blender:
         if reused is None:
             reused, gather = self.gather(prompt)
         t0 = time.perf_counter()
-        out = self.lw.run(prompt.token_ids, reused, config.schedule())
+        out = self.lw.run(prompt.token_ids, reused, config.schedule(), deviation=config.deviation)
         result = self._result(prompt, out, reused.num_reused, gather)
         result.compute_s = time.perf_counter() - t0
         logger.debug("blended %d tokens (%d reused, %d recomputed, %.0f%% of a prefill's work) in %.3fs",

@@ -106,7 +106,7 @@ class LayerwiseModel:
     @torch.inference_mode()
     def run(self, input_ids: Sequence[int], reused: ReusedKV | None = None,
             schedule: Sequence[tuple[int, float]] = (), keep_pre_rope: bool = False,
-            logits: bool = True) -> ForwardOut:
+            logits: bool = True, deviation: str = "key") -> ForwardOut:
         """Prefill `input_ids` at positions 0..T-1.
 
         `schedule` lists (check layer, ratio): at that layer keep the top `ceil(ratio *
@@ -138,7 +138,8 @@ class LayerwiseModel:
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             if li in checks:
                 assert reused is not None
-                keep = self._select(k, reused.keys[li], reused.reused, active, checks[li], num_reused)
+                fresh, old = (k, reused.keys[li]) if deviation == "key" else (v, reused.values[li])
+                keep = self._select(fresh, old, reused.reused, active, checks[li], num_reused)
                 if keep is not None:
                     active = keep if active is None else active[keep]
                     h, q, k, v = h[:, keep], q[:, :, keep], k[:, :, keep], v[:, :, keep]
@@ -175,7 +176,8 @@ class LayerwiseModel:
                 active: torch.Tensor | None, ratio: float, num_reused: int) -> torch.Tensor | None:
         """Indices into the active tokens to keep (sorted), or None to keep them all.
 
-        k [1, H_kv, s, D] fresh and old_keys [H_kv, T, D] reused keys, both post-RoPE.
+        k [1, H_kv, s, D] fresh and old_keys [H_kv, T, D] reused keys, both post-RoPE (or the
+        values: the deviation is the same sum of squares).
         """
         s = k.shape[2]
         idx = active if active is not None else torch.arange(s, device=k.device)
