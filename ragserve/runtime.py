@@ -64,7 +64,8 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
         engine = LocalEngine(config.engine, blend=config.blend, steer=config.steer)
     embedder, learned = Embedder(), None
     if config.metis.learned_profiler:   # issue 7: the fast profiler, sharing the query embedding
-        from ragserve.eval.learned import CachedQueryEmbedder, load_profiler
+        from ragserve.eval.features import CachedQueryEmbedder
+        from ragserve.eval.learned import load_profiler
 
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ragserve.errors import ConfigError, NotFound
-from ragserve.eval.learned import (CachedQueryEmbedder, FeatureSpec, ProfileLabel, covers, featurize,
-                                   label_from_plan, load_profiler, question_word, summary_range_from,
+from ragserve.eval.features import CachedQueryEmbedder, FeatureSpec, featurize, question_word
+from ragserve.eval.learned import (ProfileLabel, covers, label_from_plan, load_profiler, summary_range_from,
                                    train_profiler, training_query_ids)
 from ragserve.eval.tuning import append_record, write_meta
 from ragserve.profiler import Complexity, LearnedProfiler, ProfileSource, QueryProfile
