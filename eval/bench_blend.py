@@ -24,13 +24,15 @@ start of prefill to the first token's logits, with the prompt's chunk KV already
 includes laying the KV out over the prompt and rotating keys. `kv_load` is separate: the
 same chunk KVs read back from the disk tier (RAM tier emptied first), checksums included.
 
-Writes eval/results/bench_blend_<dataset>.json and .md.
+Writes eval/results/bench_blend_<dataset>.json and .md. `--combine A.json B.json --out STEM`
+summarizes several finished runs' rows together (no model is run).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -331,7 +333,7 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
     return summarize(args, rows, mode_list, store)
 
 
-def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store: KVStore) -> dict:
+def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store: KVStore | None) -> dict:
     full_ttft = [r["modes"]["full_prefill"]["ttft_s"] for r in rows]
     summary: dict[str, dict] = {}
     for name, _ in mode_list:
@@ -342,6 +344,10 @@ def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store
              "f1_mean": round(statistics.mean(r["modes"][name]["f1"] for r in rows), 4),
              "agreement": round(statistics.mean(r["modes"][name]["agrees_with_full"] for r in rows), 3),
              "first_token_agreement": round(statistics.mean(r["modes"][name]["first_token_agrees"] for r in rows), 3)}
+        diff = [r["modes"][name]["f1"] - r["modes"]["full_prefill"]["f1"] for r in rows]
+        half = 1.96 * statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        s["f1_vs_full"] = round(statistics.mean(diff), 4)       # paired, per question
+        s["f1_vs_full_ci95"] = round(half, 4)
         for key in ("compute_fraction", "first_token_kl", "key_dev_last"):
             values = [r["modes"][name].get(key) for r in rows]
             if all(v is not None for v in values):
@@ -356,7 +362,8 @@ def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store
         "kv_load_median_ms": round(1000 * statistics.median(load), 2),
         "kv_load_p90_ms": round(1000 * pct(load, 0.9), 2),
         "kv_layout_median_ms": round(1000 * statistics.median(r["kv_layout_s"] for r in rows), 2),
-        "kv_store": vars(store.stats),
+        "kv_store": vars(store.stats) if store is not None else None,
+        "command": getattr(args, "command", None) or "python " + " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "loadavg_end": os.getloadavg()},
         "summary": summary, "rows": rows,
@@ -369,12 +376,14 @@ def markdown(result: dict) -> str:
              f"{result['context_tokens_mean']} (min {result['context_tokens_min']}), {result['threads']} threads. "
              f"Chunk KV load from disk: median {result['kv_load_median_ms']} ms, p90 {result['kv_load_p90_ms']} ms "
              f"(+ layout/rotation median {result['kv_layout_median_ms']} ms, counted in blend TTFT).", "",
+             f"Command: `{result.get('command', '')}`", "",
              "| mode | TTFT median (s) | TTFT p90 (s) | TTFT / full (median) | compute fraction | F1 | "
-             "agrees with full | first token agrees | first-token KL | last-layer key dev |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "F1 - full (95% CI) | agrees with full | first token agrees | first-token KL | last-layer key dev |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in result["summary"].items():
         lines.append(f"| {name} | {s['ttft_median_s']} | {s['ttft_p90_s']} | {s['ttft_vs_full_median']} | "
-                     f"{s.get('compute_fraction_mean', '')} | {s['f1_mean']} | {s['agreement']} | "
+                     f"{s.get('compute_fraction_mean', '')} | {s['f1_mean']} | "
+                     f"{s.get('f1_vs_full', 0):+.4f} ± {s.get('f1_vs_full_ci95', 0):.4f} | {s['agreement']} | "
                      f"{s['first_token_agreement']} | {s.get('first_token_kl_mean', '')} | "
                      f"{s.get('key_dev_last_mean', '')} |")
     lines += ["", f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs, torch "
@@ -382,8 +391,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str], stem: Path) -> dict:
+    """One summary over the rows of several result files (e.g. squad + 2wikimultihopqa)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    modes = [set(r["modes"]) for part in parts for r in part["rows"]]
+    if any(m != modes[0] for m in modes):
+        raise SystemExit(f"--combine: {', '.join(paths)} ran different modes; combine runs of the same modes")
+    first = parts[0]
+    meta = argparse.Namespace(dataset="+".join(p["dataset"] for p in parts), model=first["model"],
+                              dtype=first["dtype"], chunks=first["chunks"], min_context=first["min_context"],
+                              threads=first["threads"],
+                              command="python eval/bench_blend.py --combine " + " ".join(paths) + f" --out {stem}")
+    rows = [r for part in parts for r in part["rows"]]
+    result = summarize(meta, rows, [(name, None) for name in first["summary"]], None)
+    result["machine"] = first["machine"]   # where the rows were measured, not where they were combined
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
+                   help="summarize the rows of earlier result files together (no model is run)")
     p.add_argument("--dataset", default="squad", choices=["squad", "2wikimultihopqa"])
     p.add_argument("--num", type=int, default=10)
     p.add_argument("--chunks", type=int, default=6)
@@ -404,7 +432,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stem = Path(args.out) if args.out else RESULTS / f"bench_blend_{args.dataset}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    result = run(args, stem)
+    result = combine(args.combine, stem) if args.combine else run(args, stem)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     stem.with_suffix(".md").write_text(markdown(result))
     stem.with_suffix(".partial.jsonl").unlink(missing_ok=True)   # its rows are in the JSON now
