@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                         "one-at-a-time service rate of stuff:4; default)")
     e.add_argument("--learned", help="learned profiler directory for adaptive/metis (default: the LLM profiler)")
     e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
+    e.add_argument("--no-resume", action="store_true",
+                   help="run every system again; by default systems finished earlier under --out "
+                        "(OUT/systems/, same workload and settings) are reused")
     e.add_argument("--kv-budget-mb", type=float,
                    help="embedded engine KV budget (default engine.kv_budget_mb, 512); smaller makes "
                         "concurrent queries compete for KV, the load METIS' best fit reacts to")
@@ -261,7 +264,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(dataset=args.dataset, systems=tuple(parse_systems(args.systems, grid)), num=args.num,
                             rate=rate, out=Path(args.out), seed=args.seed, corpus_limit=args.corpus_limit,
                             doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
-                            progress=not args.no_progress, command=_command_line(args), grid=grid)
+                            progress=not args.no_progress, command=_command_line(args), grid=grid,
+                            resume=not args.no_resume)
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.domain import Method, QueryResult, RagPlan
+from ragserve.eval import checkpoint
 from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_collection, get_spec,
                                     load_questions, query_filters, score)
 from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
@@ -56,6 +57,7 @@ class EvalSettings:
     progress: bool = True
     command: str = ""                  # the exact command line, for the report
     grid: tuple[RagPlan, ...] = ()     # the fixed grid the `fixed` systems came from (report only)
+    resume: bool = True                # reuse systems already finished under `out` (eval/checkpoint.py)
 
 
 @dataclass
@@ -151,8 +153,22 @@ def _load_learned(config: Config, embedder: Any) -> Any:
     return load_profiler(config.metis.learned_profiler, embedder=embedder)
 
 
+def _saved_run(settings: EvalSettings, base_key: str, workload: Workload, system: System) -> SystemRun | None:
+    if not settings.resume:
+        return None
+    saved = checkpoint.load_system(settings.out, _system_key(base_key, workload), system.name)
+    if saved is None:
+        return None
+    logger.info("system %s: resumed from %s (%d rows)", system.name, settings.out / checkpoint.DIR, len(saved["rows"]))
+    return SystemRun(system, saved["rows"], saved["wall_s"], {**saved["extra"], "resumed": True})
+
+
+def _system_key(base_key: str, workload: Workload) -> str:
+    return checkpoint.workload_key({"base": base_key, "rate_qps": workload.rate_qps})
+
+
 async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, workload: Workload,
-                   collection: str) -> tuple[list[SystemRun], dict[str, str], dict[str, Any]]:
+                   collection: str, base_key: str) -> tuple[list[SystemRun], dict[str, str], dict[str, Any]]:
     from ragserve.controller import Controller
     from ragserve.runtime import build_runtime
 
@@ -160,6 +176,12 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
     unavailable: dict[str, str] = {}
     info: dict[str, Any] = {}
     first_engine = True
+    calibrated = checkpoint.load_calibration(settings.out, base_key) \
+        if settings.resume and settings.rate == "auto" else None
+    if calibrated is not None:   # replay the arrivals the interrupted run measured
+        info.update(calibrated)
+        workload = workload.with_rate(calibrated["rate_qps"])
+        first_engine = False
     for blend, systems in _variants(settings.systems).items():
         runnable = []
         for s in systems:
@@ -169,7 +191,9 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 logger.warning("system %s %s", s.name, reason)
             else:
                 runnable.append(s)
-        if not runnable:
+        saved = {s.name: run for s in runnable if (run := _saved_run(settings, base_key, workload, s)) is not None}
+        if len(saved) == len(runnable):   # all finished earlier: no engine needed
+            runs += [saved[s.name] for s in runnable]
             continue
         cfg = system_config(runnable[0], config)
         try:
@@ -191,9 +215,14 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter)
                 info.update(rate_qps=round(rate, 4), calibration_service_s=round(service_s, 3),
                             calibration_plan=str(CALIBRATION_PLAN))
+                checkpoint.save_calibration(settings.out, base_key, info)
                 workload = workload.with_rate(rate)
+                saved = {}   # a new rate: nothing saved before it applies
             first_engine = False
             for system in runnable:
+                if system.name in saved:
+                    runs.append(saved[system.name])
+                    continue
                 planner = make_planner(system, rt.engine, cfg, learned)
                 controller = Controller(rt.engine, rt.retriever, cfg, planner=planner)
                 try:
@@ -206,6 +235,8 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                     run.extra["scheduler"] = planner.scheduler.counters()
                 if blend and hasattr(rt.engine, "blend_counters"):
                     run.extra["blend"] = dict(rt.engine.blend_counters)
+                checkpoint.save_system(settings.out, _system_key(base_key, workload), system.name, run.rows,
+                                       run.wall_s, run.extra)
                 runs.append(run)
         finally:
             await rt.close()
@@ -239,7 +270,11 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
     ingest_s = time.perf_counter() - t0
     config = apply_dataset_settings(config, spec, corpus.collection)
-    runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection))
+    base_key = checkpoint.workload_key({
+        "dataset": settings.dataset, "config": repr(config), "rate": settings.rate, "seed": settings.seed,
+        "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
+        "queries": [(i.question["id"], i.arrival_s) for i in workload.items]})
+    runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection, base_key))
     meta = {
         "dataset": settings.dataset, "model": config.engine.model, "engine": config.engine.backend,
         "num": len(workload.items), "rate_qps": info.get("rate_qps", workload.rate_qps),

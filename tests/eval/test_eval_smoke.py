@@ -33,6 +33,11 @@ def test_eval_smoke_fixed_and_metis(data_dir, tmp_path):
     assert all(r["reason"] in ("fit", "slo", "fallback") and r["profile"] for r in metis)
     assert report["meta"]["corpus"]["subset"] and report["meta"]["command"].startswith("ragserve eval")
     assert (out / "quality_vs_latency.png").is_file()
+    # the same command again: both systems are read back from out/systems, not run again
+    assert main(["eval", "--dataset", "squad", "--systems", "fixed:stuff:2,metis", "--num", "3", "--model",
+                 "smollm2", "--corpus-limit", "20", "--rate", "1", "--out", str(out), "--no-progress"]) == 0
+    again = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
+    assert again == rows
 
 
 def test_tune_train_and_learned_metis(data_dir, tmp_path):
