@@ -174,7 +174,9 @@ class SteerConfig:
     """LLMSteer (arXiv 2411.13009) in the embedded engine: answer calls attend more to each
     chunk's important tokens, chosen once per chunk without the query (see engines/local/steer.py).
     Defaults: the best of a 16-point sweep on SmolLM2 / 10 SQuAD questions
-    (eval/results/bench_steer_sweep_squad_smollm2.md); steering every layer or alpha 5 hurt there."""
+    (eval/results/bench_steer_sweep_squad_smollm2.md); steering every layer or alpha 5 hurt there.
+    On Qwen 0.5B no k/alpha setting helped (bench_steer_sweep_squad_qwen_knobs.md), so it is off
+    by default."""
 
     enabled: bool = False
     """Steer every call over chunks (stuff, reduce, map_rerank, first refine step). A query's
