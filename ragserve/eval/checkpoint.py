@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from ragserve.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ def workload_key(parts: dict[str, Any]) -> str:
 
 def _path(out: Path, name: str) -> Path:
     return out / DIR / (re.sub(r"[^A-Za-z0-9_.+-]", "_", name) + ".json")
-
-
-def _write(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)   # never a half-written checkpoint
 
 
 def _read(path: Path, key: str) -> dict[str, Any] | None:
@@ -58,7 +52,8 @@ def _read(path: Path, key: str) -> dict[str, Any] | None:
 
 def save_system(out: Path, key: str, name: str, rows: list[dict[str, Any]], wall_s: float,
                 extra: dict[str, Any]) -> None:
-    _write(_path(out, name), {"key": key, "system": name, "wall_s": wall_s, "extra": extra, "rows": rows})
+    payload = {"key": key, "system": name, "wall_s": wall_s, "extra": extra, "rows": rows}
+    atomic_write(_path(out, name), json.dumps(payload).encode())
 
 
 def load_system(out: Path, key: str, name: str) -> dict[str, Any] | None:
@@ -67,7 +62,7 @@ def load_system(out: Path, key: str, name: str) -> dict[str, Any] | None:
 
 
 def save_calibration(out: Path, key: str, info: dict[str, Any]) -> None:
-    _write(out / DIR / CALIBRATION, {"key": key, **info})
+    atomic_write(out / DIR / CALIBRATION, json.dumps({"key": key, **info}).encode())
 
 
 def load_calibration(out: Path, key: str) -> dict[str, Any] | None:

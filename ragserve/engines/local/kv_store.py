@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import re
 import struct
@@ -43,6 +42,8 @@ from typing import Callable, Sequence, TypeVar
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from ragserve.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -117,17 +118,6 @@ def _crc(*tensors: torch.Tensor) -> int:
 
 def _nbytes(value: ChunkKV | torch.Tensor) -> int:
     return value.nbytes if isinstance(value, ChunkKV) else value.numel() * value.element_size()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """tmp + fsync + os.replace: a crash never leaves a partial file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
@@ -244,7 +234,7 @@ class KVStore:
         meta = {"format": FORMAT_VERSION, "model_id": self.spec.model_id, "key": key, "name": name,
                 "crc32": str(_crc(tensor))}
         try:
-            _atomic_write(path, st_save({"tensor": tensor}, metadata=meta))
+            atomic_write(path, st_save({"tensor": tensor}, metadata=meta))
         except OSError:   # a full disk must not fail the call: the tensor stays in RAM
             logger.exception("KV store: writing %s failed", path)
 
@@ -334,7 +324,7 @@ class KVStore:
                 "layout": LAYOUT, "num_layers": str(keys.shape[0]), "num_kv_heads": str(keys.shape[1]),
                 "num_tokens": str(keys.shape[2]), "head_dim": str(keys.shape[3]), "key": key,
                 "crc32": str(_crc(keys, values))}
-        _atomic_write(path, st_save({"keys": keys, "values": values}, metadata=meta))
+        atomic_write(path, st_save({"keys": keys, "values": values}, metadata=meta))
         self.stats.writes += 1
 
     def _read(self, key: str, num_tokens: int | None) -> ChunkKV | None:
