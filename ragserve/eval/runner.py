@@ -191,7 +191,10 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 logger.warning("system %s %s", s.name, reason)
             else:
                 runnable.append(s)
-        saved = {s.name: run for s in runnable if (run := _saved_run(settings, base_key, workload, s)) is not None}
+        # Saved runs are keyed by the rate: with rate auto they count only once it is calibrated.
+        rate_known = settings.rate != "auto" or not first_engine
+        saved = {s.name: run for s in runnable
+                 if rate_known and (run := _saved_run(settings, base_key, workload, s)) is not None}
         if len(saved) == len(runnable):   # all finished earlier: no engine needed
             runs += [saved[s.name] for s in runnable]
             continue
@@ -217,7 +220,6 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                             calibration_plan=str(CALIBRATION_PLAN))
                 checkpoint.save_calibration(settings.out, base_key, info)
                 workload = workload.with_rate(rate)
-                saved = {}   # a new rate: nothing saved before it applies
             first_engine = False
             for system in runnable:
                 if system.name in saved:
