@@ -137,15 +137,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ragserve.retrieval.embeddings import Embedder
     from ragserve.retrieval.ingest import ingest
 
+    if args.steer and not args.precompute_kv:   # before ingesting anything
+        from ragserve.errors import BadInput
+        raise BadInput("--steer stores steering scores with the chunk KV: add --precompute-kv")
     config = _config(args)
     report = ingest(args.path, args.collection, load_tokenizer(config.engine.model), Embedder(),
                     config.retrieval, progress=not args.no_progress)
     print(f"collection {report.collection}: +{report.added} chunks, {report.skipped} already stored, "
           f"{report.removed} replaced, from {report.num_documents} documents; "
           f"{report.num_chunks_total} chunks total ({report.elapsed_s:.1f} s)")
-    if args.steer and not args.precompute_kv:
-        from ragserve.errors import BadInput
-        raise BadInput("--steer stores steering scores with the chunk KV: add --precompute-kv")
     if args.precompute_kv:
         _precompute_kv(config, args.collection, args.steer)
     return 0

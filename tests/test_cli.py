@@ -127,6 +127,7 @@ def test_precompute_steer_scores_then_steered_query(cli_env, docs, tmp_path):
     args = ("--config", str(config), "ingest", str(docs), "--collection", "steernotes", "--no-progress")
     bad = ragserve(*args, "--steer", env=cli_env)
     assert bad.returncode == 2 and "add --precompute-kv" in bad.stderr
+    assert "collection steernotes" not in bad.stdout        # rejected before ingesting anything
     first = ragserve(*args, "--precompute-kv", "--steer", env=cli_env)
     assert first.returncode == 0, first.stderr
     assert "steering scores of 2 chunks: 2 computed" in first.stdout
