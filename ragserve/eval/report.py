@@ -88,8 +88,15 @@ def pareto_frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
     return [n for n, _, _ in sorted(front, key=lambda p: (p[1], -p[2]))]
 
 
+EQUAL_QUALITY_TOL = 0.01   # "equal F1" in the headline: within one point
+
+
 def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> dict[str, Any]:
-    """METIS §7's comparisons, by `metric` and mean latency (absent systems are skipped)."""
+    """METIS §7's comparisons, by `metric` and mean latency (absent systems are skipped).
+
+    `fixed_at_equal_quality` is the fastest fixed plan within EQUAL_QUALITY_TOL of the
+    system's quality or above it: the latency a fixed plan pays for the same quality
+    (None when no fixed plan gets there)."""
     def lat(name: str) -> float:
         return summaries[name]["total_s"]["mean"]
 
@@ -107,8 +114,15 @@ def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> d
         entry: dict[str, Any] = {metric: qual(name), "mean_latency_s": lat(name)}
         if fixed:
             near = min(fixed, key=lambda n: abs(lat(n) - lat(name)))
-            entry["fixed_at_similar_latency"] = {"system": near, metric: qual(near), "mean_latency_s": lat(near),
-                                                 "quality_gain": _r(qual(name) - qual(near))}
+            entry["fixed_at_similar_latency"] = {
+                "system": near, metric: qual(near), "mean_latency_s": lat(near),
+                "quality_gain": _r(qual(name) - qual(near)),
+                "quality_gain_rel": _r(qual(name) / qual(near) - 1) if qual(near) else None}
+            equal = [n for n in fixed if qual(n) >= qual(name) - EQUAL_QUALITY_TOL]
+            eq = min(equal, key=lat) if equal else None
+            entry["fixed_at_equal_quality"] = None if eq is None else {
+                "system": eq, metric: qual(eq), "mean_latency_s": lat(eq),
+                "latency_ratio": _r(lat(name) / lat(eq), 3)}
             entry["vs_best_fixed"] = {"quality_gain": _r(qual(name) - qual(out["best_fixed"]["system"])),
                                       "latency_speedup": _r(lat(out["best_fixed"]["system"]) / lat(name), 3)}
         if "adaptive" in summaries and lat("adaptive") is not None:
@@ -284,8 +298,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: quality {_fmt(e['quality'])}, {_fmt(e['mean_latency_s'], 2)} s")
         if "fixed_at_similar_latency" in e:
             f = e["fixed_at_similar_latency"]
+            rel = f"{f['quality_gain_rel']:+.1%}" if f.get("quality_gain_rel") is not None else "n/a"
             lines.append(f"  - vs fixed at similar latency `{f['system']}` ({_fmt(f['mean_latency_s'], 2)} s): "
-                         f"quality {_fmt(f['quality_gain'], 3)} (absolute)")
+                         f"quality {_fmt(f['quality_gain'], 3)} (absolute), {rel} (relative)")
+            q = e.get("fixed_at_equal_quality")
+            lines.append("  - no fixed plan reaches its quality (within 0.01)" if q is None else
+                         f"  - vs the fastest fixed plan at equal quality (within 0.01) `{q['system']}` "
+                         f"({_fmt(q['mean_latency_s'], 2)} s): latency ratio {_fmt(q['latency_ratio'], 3)}")
             v = e["vs_best_fixed"]
             lines.append(f"  - vs best fixed: quality {_fmt(v['quality_gain'], 3)}, {_speed(v['latency_speedup'])}")
         if "vs_adaptive" in e:

@@ -47,6 +47,11 @@ def test_headline_compares_metis_with_the_baselines():
     m = h["metis"]
     assert m["fixed_at_similar_latency"]["system"] == "fixed:stuff:2"
     assert m["fixed_at_similar_latency"]["quality_gain"] == pytest.approx(0.2)
+    assert m["fixed_at_similar_latency"]["quality_gain_rel"] == pytest.approx(0.4)   # 0.7 / 0.5 - 1
+    assert m["fixed_at_equal_quality"]["system"] == "fixed:stuff:6"   # the only plan within 0.01 of 0.7
+    assert m["fixed_at_equal_quality"]["latency_ratio"] == pytest.approx(1.25 / 4.0, abs=1e-3)
+    sums["metis"] = summarize(make_rows("metis", [0.9] * 4, [1.25] * 4))
+    assert headline(sums)["metis"]["fixed_at_equal_quality"] is None     # no fixed plan gets to 0.9
     assert m["vs_adaptive"]["latency_speedup"] == pytest.approx(4.0)
     assert m["vs_adaptive"]["quality_gain"] == pytest.approx(-0.02)
     assert m["vs_best_fixed"]["latency_speedup"] == pytest.approx(3.2)
