@@ -77,3 +77,20 @@ def test_write_eval_report_files(tmp_path):
     assert "| `metis` |" in md and "ragserve eval --dataset qmsum" in md and "unavailable: test" in md
     for png in ("quality_vs_latency.png", "f1_vs_latency.png"):      # rouge_l primary -> F1 plot too
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_evals_tables_the_headlines(tmp_path):
+    from eval.summarize_evals import main
+
+    runs = [Run(System("fixed:stuff:2", "fixed"), make_rows("fixed:stuff:2", [0.5, 0.5], [1.0, 1.0])),
+            Run(System("fixed:stuff:6", "fixed"), make_rows("fixed:stuff:6", [0.7, 0.7], [4.0, 4.0])),
+            Run(System("metis", "metis"), make_rows("metis", [0.7, 0.7], [1.2, 1.2]))]
+    meta = {"dataset": "squad", "model": "qwen", "engine": "local", "num": 2, "rate_qps": 0.5, "seed": 0,
+            "quality_metric": "f1", "command": "ragserve eval --dataset squad", "corpus": {"chunks": 10}}
+    write_eval_report(tmp_path / "run", meta, runs, {})
+    assert main([str(tmp_path / "run"), "--out", str(tmp_path / "sum")]) == 0
+    row = json.loads((tmp_path / "sum.json").read_text())[0]
+    assert row["fixed_at_equal_quality"]["system"] == "fixed:stuff:6"
+    assert row["fixed_at_equal_quality"]["latency_ratio"] == pytest.approx(0.3)
+    assert "0.30 (`fixed:stuff:6`)" in (tmp_path / "sum.md").read_text()
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
