@@ -134,7 +134,9 @@ async def calibrate_rate(controller: Any, questions: Sequence[dict[str, Any]], c
                                    filters=query_filters(spec, q, doc_filter))
         times.append(r.timings.total_s)
     service_s = sum(times) / len(times)
-    return AUTO_LOAD_FACTOR / service_s, service_s
+    # Rounded here, once: the rate the arrivals use is the one calibration.json records, so a
+    # resumed run keys its saved systems on the same rate as the run that saved them.
+    return round(AUTO_LOAD_FACTOR / service_s, 4), service_s
 
 
 def _variants(systems: Sequence[System]) -> dict[bool, list[System]]:
@@ -216,7 +218,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
             if first_engine and settings.rate == "auto":
                 sample = [i.question for i in workload.items[:CALIBRATION_QUERIES]]
                 rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter)
-                info.update(rate_qps=round(rate, 4), calibration_service_s=round(service_s, 3),
+                info.update(rate_qps=rate, calibration_service_s=round(service_s, 3),
                             calibration_plan=str(CALIBRATION_PLAN))
                 checkpoint.save_calibration(settings.out, base_key, info)
                 workload = workload.with_rate(rate)

@@ -30,3 +30,21 @@ def test_calibration_round_trip(tmp_path):
     checkpoint.save_calibration(tmp_path, key, {"rate_qps": 0.05, "calibration_service_s": 20.0})
     assert checkpoint.load_calibration(tmp_path, key) == {"rate_qps": 0.05, "calibration_service_s": 20.0}
     assert checkpoint.load_calibration(tmp_path, checkpoint.workload_key({"rate": 1})) is None
+
+
+
+def test_calibrated_rate_is_the_recorded_one():
+    """calibration.json records the rate at 4 decimals and a resumed run re-times arrivals with
+    it; the first run must use exactly that value, or every saved system's key misses."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ragserve.eval.datasets import get_spec
+    from ragserve.eval.runner import calibrate_rate
+
+    class Timed:   # answers with a fixed service time: 1.5 / 3.0137 = 0.49773...
+        async def query(self, *_a, **_k):
+            return SimpleNamespace(timings=SimpleNamespace(total_s=3.0137))
+
+    rate, service_s = asyncio.run(calibrate_rate(Timed(), [{"question": "q"}], "c", get_spec("squad"), False))
+    assert rate == round(rate, 4) == 0.4977 and service_s == 3.0137
