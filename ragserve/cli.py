@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     _eval_common(t, required=False)
     t.add_argument("--grid", help="plans to sweep, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
+    t.add_argument("--holdout", type=int, default=0,
+                   help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
     return p
 
 
@@ -298,7 +300,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             grid=parse_grid(args.grid) if args.grid else DEFAULT_TUNE_GRID, seed=args.seed,
                             corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
                             datasets_root=args.datasets_dir, progress=not args.no_progress,
-                            command=_command_line(args))
+                            command=_command_line(args), holdout=max(0, args.holdout))
     run_tune(settings, config)
     print((out / "summary.md").read_text())
     return 0

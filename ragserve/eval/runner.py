@@ -20,7 +20,7 @@ import os
 import resource
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -155,10 +155,20 @@ def _load_learned(config: Config, embedder: Any) -> Any:
     return load_profiler(config.metis.learned_profiler, embedder=embedder)
 
 
-def _saved_run(settings: EvalSettings, base_key: str, workload: Workload, system: System) -> SystemRun | None:
+@dataclass(frozen=True)
+class _Keys:
+    """Checkpoint keys of one run: `plain` for what never profiles (fixed plans, calibration)."""
+    profiled: str
+    plain: str
+
+    def of(self, system: System) -> str:
+        return self.plain if system.kind == "fixed" else self.profiled
+
+
+def _saved_run(settings: EvalSettings, keys: _Keys, workload: Workload, system: System) -> SystemRun | None:
     if not settings.resume:
         return None
-    saved = checkpoint.load_system(settings.out, _system_key(base_key, workload), system.name)
+    saved = checkpoint.load_system(settings.out, _system_key(keys.of(system), workload), system.name)
     if saved is None:
         return None
     logger.info("system %s: resumed from %s (%d rows)", system.name, settings.out / checkpoint.DIR, len(saved["rows"]))
@@ -170,7 +180,7 @@ def _system_key(base_key: str, workload: Workload) -> str:
 
 
 async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, workload: Workload,
-                   collection: str, base_key: str) -> tuple[list[SystemRun], dict[str, str], dict[str, Any]]:
+                   collection: str, keys: _Keys) -> tuple[list[SystemRun], dict[str, str], dict[str, Any]]:
     from ragserve.controller import Controller
     from ragserve.runtime import build_runtime
 
@@ -178,7 +188,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
     unavailable: dict[str, str] = {}
     info: dict[str, Any] = {}
     first_engine = True
-    calibrated = checkpoint.load_calibration(settings.out, base_key) \
+    calibrated = checkpoint.load_calibration(settings.out, keys.plain) \
         if settings.resume and settings.rate == "auto" else None
     if calibrated is not None:   # replay the arrivals the interrupted run measured
         info.update(calibrated)
@@ -196,7 +206,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
         # Saved runs are keyed by the rate: with rate auto they count only once it is calibrated.
         rate_known = settings.rate != "auto" or not first_engine
         saved = {s.name: run for s in runnable
-                 if rate_known and (run := _saved_run(settings, base_key, workload, s)) is not None}
+                 if rate_known and (run := _saved_run(settings, keys, workload, s)) is not None}
         if len(saved) == len(runnable):   # all finished earlier: no engine needed
             runs += [saved[s.name] for s in runnable]
             continue
@@ -220,7 +230,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter)
                 info.update(rate_qps=rate, calibration_service_s=round(service_s, 3),
                             calibration_plan=str(CALIBRATION_PLAN))
-                checkpoint.save_calibration(settings.out, base_key, info)
+                checkpoint.save_calibration(settings.out, keys.plain, info)
                 workload = workload.with_rate(rate)
             first_engine = False
             for system in runnable:
@@ -239,7 +249,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                     run.extra["scheduler"] = planner.scheduler.counters()
                 if blend and hasattr(rt.engine, "blend_counters"):
                     run.extra["blend"] = dict(rt.engine.blend_counters)
-                checkpoint.save_system(settings.out, _system_key(base_key, workload), system.name, run.rows,
+                checkpoint.save_system(settings.out, _system_key(keys.of(system), workload), system.name, run.rows,
                                        run.wall_s, run.extra)
                 runs.append(run)
         finally:
@@ -250,12 +260,13 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
 
 def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) -> Workload:
     """The seeded sample, leaving out `exclude_ids` (a learned profiler's training queries)."""
-    rows = [r for r in load_questions(settings.dataset, settings.datasets_root) if r["id"] not in exclude_ids]
-    if len(rows) < settings.num:
+    rows = load_questions(settings.dataset, settings.datasets_root)
+    left = sum(1 for r in rows if r["id"] not in exclude_ids)
+    if left < settings.num:
         logger.warning("%s: only %d questions left after excluding %d training queries (asked for %d)",
-                       settings.dataset, len(rows), len(exclude_ids), settings.num)
+                       settings.dataset, left, len(rows) - left, settings.num)
     rate = 1.0 if settings.rate == "auto" else float(settings.rate)   # auto: re-timed after calibration
-    return make_workload(settings.dataset, rows, settings.num, rate, settings.seed)
+    return make_workload(settings.dataset, rows, settings.num, rate, settings.seed, exclude_ids)
 
 
 def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
@@ -274,11 +285,17 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
     ingest_s = time.perf_counter() - t0
     config = apply_dataset_settings(config, spec, corpus.collection)
-    base_key = checkpoint.workload_key({
-        "dataset": settings.dataset, "config": repr(config), "rate": settings.rate, "seed": settings.seed,
-        "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
-        "queries": [(i.question["id"], i.arrival_s) for i in workload.items]})
-    runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection, base_key))
+    def key(cfg: Config) -> str:
+        return checkpoint.workload_key({
+            "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
+            "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
+            "queries": [(i.question["id"], i.arrival_s) for i in workload.items]})
+
+    # Fixed plans and the calibration never profile: their key leaves the learned profiler out,
+    # so a run that adds one reuses the fixed systems saved by the same workload without it.
+    keys = _Keys(profiled=key(config),
+                 plain=key(replace(config, metis=replace(config.metis, learned_profiler=None))))
+    runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection, keys))
     meta = {
         "dataset": settings.dataset, "model": config.engine.model, "engine": config.engine.backend,
         "num": len(workload.items), "rate_qps": info.get("rate_qps", workload.rate_qps),

@@ -305,6 +305,9 @@ class TuneSettings:
     datasets_root: str | None = None
     progress: bool = True
     command: str = ""
+    holdout: int = 0
+    """Never tune on the questions `ragserve eval --num HOLDOUT --seed SEED` samples, so a
+    profiler trained here is evaluated on that very sample (and its saved fixed runs)."""
 
 
 def _compatible(old: TuneMeta, new: TuneMeta) -> bool:
@@ -312,16 +315,24 @@ def _compatible(old: TuneMeta, new: TuneMeta) -> bool:
            (new.model, new.dataset, new.collection, new.quality_metric)
 
 
+def tune_questions(rows: Sequence[dict[str, Any]], num: int, seed: int | str, holdout: int = 0
+                   ) -> list[dict[str, Any]]:
+    """The tuned sample: seeded as "tune:<seed>" (not the sample `ragserve eval --seed <seed>`
+    draws), and none of the questions `ragserve eval --num <holdout> --seed <seed>` samples."""
+    from ragserve.eval.workload import sample_questions
+
+    held = {r["id"] for r in sample_questions(rows, holdout, seed)} if holdout > 0 else set()
+    return sample_questions([r for r in rows if r["id"] not in held], num, f"tune:{seed}")
+
+
 def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
     """The grid sweep; appends to `settings.out`/records.jsonl and resumes a compatible run."""
     from ragserve.eval.datasets import (apply_dataset_settings, ensure_collection, get_spec, load_questions)
     from ragserve.eval.report import environment
-    from ragserve.eval.workload import sample_questions
 
     spec = get_spec(settings.dataset)
-    # "tune:<seed>": by default the tuned sample is not the sample `ragserve eval --seed <seed>` draws
-    questions = sample_questions(load_questions(settings.dataset, settings.datasets_root), settings.num,
-                                 f"tune:{settings.seed}")
+    questions = tune_questions(load_questions(settings.dataset, settings.datasets_root), settings.num,
+                               settings.seed, settings.holdout)
     corpus = ensure_collection(settings.dataset, config, questions, settings.corpus_limit,
                                settings.datasets_root, progress=settings.progress)
     config = apply_dataset_settings(config, spec, corpus.collection)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from ragserve.errors import BadInput
 
@@ -34,13 +34,25 @@ def poisson_arrivals(num: int, rate_qps: float, seed: int | str = 0) -> list[flo
     return out
 
 
-def sample_questions(rows: Sequence[dict[str, Any]], num: int, seed: int | str = 0
-                     ) -> list[dict[str, Any]]:
-    """A seeded sample of `num` rows (all of them, shuffled, when num >= len(rows))."""
+def sample_questions(rows: Sequence[dict[str, Any]], num: int, seed: int | str = 0,
+                     exclude_ids: Collection[str] = frozenset()) -> list[dict[str, Any]]:
+    """A seeded sample of `num` rows (all of them, shuffled, when num >= len(rows)).
+
+    `exclude_ids` (a learned profiler's training queries) are drawn and then replaced by
+    further seeded draws from the rest, so an exclusion that misses the sample leaves it
+    exactly as it was: a run that only adds a profiler trained elsewhere replays the same
+    trace, and its fixed-plan systems stay comparable (and resumable)."""
     if num < 1:
         raise BadInput(f"num={num} must be >= 1")
     rows = list(rows)
-    return random.Random(f"sample:{seed}").sample(rows, min(num, len(rows)))
+    drawn = random.Random(f"sample:{seed}").sample(rows, min(num, len(rows)))
+    kept = [r for r in drawn if r["id"] not in exclude_ids]
+    missing = len(drawn) - len(kept)
+    if missing:
+        taken = {r["id"] for r in drawn}
+        rest = [r for r in rows if r["id"] not in taken and r["id"] not in exclude_ids]
+        kept += random.Random(f"refill:{seed}").sample(rest, min(missing, len(rest)))
+    return kept
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,7 @@ class Workload:
 
 
 def make_workload(dataset: str, rows: Sequence[dict[str, Any]], num: int, rate_qps: float,
-                  seed: int | str = 0) -> Workload:
-    questions = sample_questions(rows, num, seed)
+                  seed: int | str = 0, exclude_ids: Collection[str] = frozenset()) -> Workload:
+    questions = sample_questions(rows, num, seed, exclude_ids)
     arrivals = poisson_arrivals(len(questions), rate_qps, seed)
     return Workload(dataset, tuple(WorkItem(q, t) for q, t in zip(questions, arrivals)), rate_qps, seed)

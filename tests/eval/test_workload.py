@@ -49,6 +49,20 @@ def test_sample_is_seeded_and_capped():
         sample_questions(ROWS, 0)
 
 
+def test_exclusions_replace_only_the_drawn_questions_they_hit():
+    drawn = [r["id"] for r in sample_questions(ROWS, 10, seed=3)]
+    others = [r["id"] for r in ROWS if r["id"] not in drawn]
+    # training queries outside the sample: the sample (and its order) is unchanged
+    assert [r["id"] for r in sample_questions(ROWS, 10, seed=3, exclude_ids=set(others[:5]))] == drawn
+    # two of them inside it: those two are replaced, the other eight stay in place, seeded
+    hit = {drawn[1], drawn[4]}
+    again = [r["id"] for r in sample_questions(ROWS, 10, seed=3, exclude_ids=hit)]
+    assert again[:8] == [i for i in drawn if i not in hit] and not hit & set(again) and len(set(again)) == 10
+    assert again == [r["id"] for r in sample_questions(ROWS, 10, seed=3, exclude_ids=hit)]
+    everything_else = {r["id"] for r in ROWS} - set(drawn[:3])
+    assert [r["id"] for r in sample_questions(ROWS, 10, seed=3, exclude_ids=everything_else)] == drawn[:3]
+
+
 def test_workload_and_retiming_keep_the_questions():
     w = make_workload("squad", ROWS, 8, 1.0, seed=5)
     assert len(w.items) == 8 and w.duration_s == w.items[-1].arrival_s
@@ -56,3 +70,13 @@ def test_workload_and_retiming_keep_the_questions():
     assert [i.question["id"] for i in faster.items] == [i.question["id"] for i in w.items]
     assert faster.duration_s < w.duration_s and faster.rate_qps == 10.0
     assert w.to_dict()["question_ids"] == [i.question["id"] for i in w.items]
+
+
+def test_tune_holdout_keeps_the_eval_sample_and_its_trace():
+    from ragserve.eval.tuning import tune_questions
+
+    tuned = {r["id"] for r in tune_questions(ROWS, 15, seed=0, holdout=20)}
+    evaluated = make_workload("squad", ROWS, 20, 0.5, seed=0)
+    assert len(tuned) == 15 and not tuned & {i.question["id"] for i in evaluated.items}
+    # evaluating a profiler trained on `tuned` replays exactly the same trace
+    assert make_workload("squad", ROWS, 20, 0.5, seed=0, exclude_ids=tuned) == evaluated
