@@ -31,7 +31,9 @@ def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
         return None if s is None else {"quality": s["quality"], "mean_latency_s": s["total_s"]["mean"],
                                        "num": s["num"], "errors": s["num_errors"]}
 
+    learned = (meta.get("metis") or {}).get("learned_profiler")
     return {"dataset": meta["dataset"], "model": meta["model"], "num": meta["num"],
+            "profiler": "learned" if learned else "LLM", "learned_profiler": learned,
             "rate_qps": meta["rate_qps"], "quality_metric": meta["quality_metric"],
             "fixed_grid": meta.get("fixed_grid"), "command": meta.get("command"),
             "best_fixed": best or None, "metis": point("metis"), "adaptive": point("adaptive"),
@@ -45,9 +47,9 @@ def render(rows: list[dict[str, Any]]) -> str:
              "latency is the mean from arrival to answer, queueing included. `equal quality` = the fastest",
              "fixed plan within 0.01 of metis' quality or above it; `similar latency` = the fixed plan whose",
              "mean latency is closest to metis'.", "",
-             "| dataset | N | q/s | best fixed | metis | adaptive | metis / fixed at equal quality | "
+             "| dataset | profiler | N | q/s | best fixed | metis | adaptive | metis / fixed at equal quality | "
              "gain vs fixed at similar latency |",
-             "|---|---:|---:|---|---|---|---|---|"]
+             "|---|---|---:|---:|---|---|---|---|---|"]
     for r in rows:
         b, m, a = r["best_fixed"] or {}, r["metis"] or {}, r["adaptive"] or {}
         eq, near = r["fixed_at_equal_quality"], r["fixed_at_similar_latency"] or {}
@@ -58,9 +60,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         rel = near.get("quality_gain_rel")
         near_cell = (f"{rel:+.1%} (`{near['system']}`, {_fmt(near.get('quality_gain'))} abs.)"
                      if rel is not None else "—")
-        lines.append(f"| {r['dataset']} | {r['num']} | {_fmt(r['rate_qps'])} | {best} | {cell(m)} | {cell(a)} | "
+        lines.append(f"| {r['dataset']} | {r['profiler']} | {r['num']} | {_fmt(r['rate_qps'])} | {best} | {cell(m)} | {cell(a)} | "
                      f"{eq_cell} | {near_cell} |")
-    lines += ["", "Commands:", ""] + [f"- {r['dataset']}: `{r['command']}`" for r in rows] + [""]
+    lines += ["", "Commands:", ""] + [f"- {r['dataset']} ({r['profiler']} profiler): `{r['command']}`"
+                                      for r in rows] + [""]
     return "\n".join(lines)
 
 

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--systems", default="fixed,adaptive,metis",
                    help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend")
     e.add_argument("--grid", help="fixed plans, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
-                                  "(default map_rerank:4,stuff:2,stuff:6,map_reduce:6:64)")
+                                  "(default map_rerank:4,stuff:2,stuff:6,map_reduce:4:32)")
     e.add_argument("--rate", default="auto",
                    help="arrivals per second (Poisson), inf (all at once) or auto (1.5x the measured "
                         "one-at-a-time service rate of stuff:4; default)")
