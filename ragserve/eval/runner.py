@@ -259,7 +259,8 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
 
 
 def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) -> Workload:
-    """The seeded sample, leaving out `exclude_ids` (a learned profiler's training queries)."""
+    """The seeded sample; any of `exclude_ids` (a learned profiler's training queries) it draws
+    is replaced by a further seeded draw (`sample_questions`)."""
     rows = load_questions(settings.dataset, settings.datasets_root)
     left = sum(1 for r in rows if r["id"] not in exclude_ids)
     if left < settings.num:
