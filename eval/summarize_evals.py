@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+from ragserve.eval.report import EQUAL_QUALITY_TOL, _fmt
 
 
 def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +43,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     lines = ["# ragserve eval summary", "",
              "Quality is each dataset's metric (F1; ROUGE-L for qmsum; numeric match or F1 for financebench);",
              "latency is the mean from arrival to answer, queueing included. `equal quality` = the fastest",
-             "fixed plan within 0.01 of metis' quality or above it; `similar latency` = the fixed plan whose",
+             f"fixed plan within {EQUAL_QUALITY_TOL} of metis' quality or above it; `similar latency` = the fixed plan whose",
              "mean latency is closest to metis'.", "",
              "| dataset | profiler | N | q/s | best fixed | metis | adaptive | metis / fixed at equal quality | "
              "gain vs fixed at similar latency |",
@@ -81,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarize_run(json.loads(path.read_text())))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(render(rows))
-    print(render(rows))
+    table = render(rows)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
     return 0
 
 

@@ -300,7 +300,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             grid=parse_grid(args.grid) if args.grid else DEFAULT_TUNE_GRID, seed=args.seed,
                             corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
                             datasets_root=args.datasets_dir, progress=not args.no_progress,
-                            command=_command_line(args), holdout=max(0, args.holdout))
+                            command=_command_line(args), holdout=args.holdout)
     run_tune(settings, config)
     print((out / "summary.md").read_text())
     return 0

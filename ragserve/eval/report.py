@@ -302,8 +302,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"  - vs fixed at similar latency `{f['system']}` ({_fmt(f['mean_latency_s'], 2)} s): "
                          f"quality {_fmt(f['quality_gain'], 3)} (absolute), {rel} (relative)")
             q = e.get("fixed_at_equal_quality")
-            lines.append("  - no fixed plan reaches its quality (within 0.01)" if q is None else
-                         f"  - vs the fastest fixed plan at equal quality (within 0.01) `{q['system']}` "
+            lines.append(f"  - no fixed plan reaches its quality (within {EQUAL_QUALITY_TOL})" if q is None else
+                         f"  - vs the fastest fixed plan at equal quality (within {EQUAL_QUALITY_TOL}) `{q['system']}` "
                          f"({_fmt(q['mean_latency_s'], 2)} s): latency ratio {_fmt(q['latency_ratio'], 3)}")
             v = e["vs_best_fixed"]
             lines.append(f"  - vs best fixed: quality {_fmt(v['quality_gain'], 3)}, {_speed(v['latency_speedup'])}")

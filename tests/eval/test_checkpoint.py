@@ -32,7 +32,6 @@ def test_calibration_round_trip(tmp_path):
     assert checkpoint.load_calibration(tmp_path, checkpoint.workload_key({"rate": 1})) is None
 
 
-
 def test_calibrated_rate_is_the_recorded_one():
     """calibration.json records the rate at 4 decimals and a resumed run re-times arrivals with
     it; the first run must use exactly that value, or every saved system's key misses."""
