@@ -66,7 +66,10 @@ class MetisPlanner:
                                                    hold_until_release=True), self.cost,
                                    kv_capacity_tokens=engine.stats().kv_capacity_tokens)
         self.learned = learned
-        self.feedback = FeedbackLoop(every_n=mc.feedback_every or 10**9)
+        # Golden runs only teach the LLM profiler (few-shot examples); a learned profiler never
+        # reads them, so with one they would be pure load on the engine.
+        every = mc.feedback_every if learned is None else 0
+        self.feedback = FeedbackLoop(every_n=every or 10**9)
         self._planners: dict[str, Planner] = {}
         self._builders: dict[str, ProfilePromptBuilder] = {}
         self._pending: dict[str, _Pending] = {}
@@ -78,8 +81,7 @@ class MetisPlanner:
     async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
                      slo_s: float | None = None) -> Decision:
         t0 = time.perf_counter()
-        builder = self._builder(collection)
-        profile = await self._profile(builder, question)
+        profile = await self._profile(collection, question)
         profile_s = time.perf_counter() - t0
         planner = self._planners.setdefault(collection.name, Planner(self.rules))
         space = planner.plan(profile, len(hits))
@@ -99,11 +101,11 @@ class MetisPlanner:
             self._kick()
 
     # -- pieces -------------------------------------------------------------------------
-    async def _profile(self, builder: ProfilePromptBuilder, question: str) -> QueryProfile:
+    async def _profile(self, collection: Any, question: str) -> QueryProfile:
         if self.learned is not None:
             return self.learned.profile(question)
         examples = self.feedback.examples or SEED_EXAMPLES
-        return await run_llm_profiler(self.profiler, builder, question, examples)
+        return await run_llm_profiler(self.profiler, self._builder(collection), question, examples)
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
         return profile_builder(self._builders, self.config, collection)

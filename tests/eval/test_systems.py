@@ -95,3 +95,21 @@ def test_adaptive_drops_plans_above_the_engine_limit():
                            learned=Profile(single))
     d = asyncio.run(tiny.decide("Compare them", COLLECTION, hits(30)))
     assert d.details["reason"] == "smallest" and d.plan.num_chunks == 10
+
+
+def test_metis_runs_no_golden_feedback_with_a_learned_profiler():
+    """Golden runs only feed the LLM profiler's examples; with a learned one they are pure load."""
+    from ragserve.config import MetisConfig
+    from ragserve.metis import MetisPlanner
+
+    low = QueryProfile(Complexity.LOW, False, 1, (30, 60), confidence=1.0, source=ProfileSource.LEARNED)
+    planner = MetisPlanner(FakeEngine(20_000), Config(metis=MetisConfig(feedback_every=1)), learned=Profile(low))
+
+    async def run() -> int:
+        for _ in range(3):
+            planner.done(await planner.decide("Who?", COLLECTION, hits(5)))
+        spawned = len(planner._background)
+        await planner.close()
+        return spawned
+
+    assert asyncio.run(run()) == 0
