@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ragserve.eval.report import EQUAL_QUALITY_TOL, _fmt
+from ragserve.eval.report import EQUAL_QUALITY_TOL, fmt_num
 
 
 def summarize_run(report: dict[str, Any]) -> dict[str, Any]:
@@ -51,14 +51,14 @@ def render(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         b, m, a = r["best_fixed"] or {}, r["metis"] or {}, r["adaptive"] or {}
         eq, near = r["fixed_at_equal_quality"], r["fixed_at_similar_latency"] or {}
-        cell = lambda p: f"{_fmt(p.get('quality'))} @ {_fmt(p.get('mean_latency_s'), 1)} s" if p else "—"
+        cell = lambda p: f"{fmt_num(p.get('quality'))} @ {fmt_num(p.get('mean_latency_s'), 1)} s" if p else "—"
         best = f"`{b['system']}` {cell(b)}" if b else "—"
         eq_cell = ("—" if eq == "absent" else "no fixed plan reaches it" if eq is None
-                   else f"{_fmt(eq['latency_ratio'], 2)} (`{eq['system']}`)")
+                   else f"{fmt_num(eq['latency_ratio'], 2)} (`{eq['system']}`)")
         rel = near.get("quality_gain_rel")
-        near_cell = (f"{rel:+.1%} (`{near['system']}`, {_fmt(near.get('quality_gain'))} abs.)"
+        near_cell = (f"{rel:+.1%} (`{near['system']}`, {fmt_num(near.get('quality_gain'))} abs.)"
                      if rel is not None else "—")
-        lines.append(f"| {r['dataset']} | {r['profiler']} | {r['num']} | {_fmt(r['rate_qps'])} | {best} | {cell(m)} | {cell(a)} | "
+        lines.append(f"| {r['dataset']} | {r['profiler']} | {r['num']} | {fmt_num(r['rate_qps'])} | {best} | {cell(m)} | {cell(a)} | "
                      f"{eq_cell} | {near_cell} |")
     lines += ["", "Commands:", ""] + [f"- {r['dataset']} ({r['profiler']} profiler): `{r['command']}`"
                                       for r in rows] + [""]

@@ -162,7 +162,7 @@ def environment() -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- writers
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt_num(x: Any, digits: int = 3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -184,10 +184,10 @@ def markdown_table(summaries: dict[str, dict[str, Any]], frontier: Sequence[str]
     for name, s in summaries.items():
         t = s["total_s"]
         lines.append("| " + " | ".join([
-            f"`{name}`", str(s["num"]), str(s["num_errors"]), _fmt(s["quality"]), _fmt(s["f1"]), _fmt(s["em"]),
-            _fmt(s["rouge_l"]), _fmt(s["numeric"]), _fmt(t["mean"], 2), _fmt(t["p50"], 2), _fmt(t["p95"], 2),
-            _fmt(s["ttft_s"]["mean"], 2), _fmt(s["queue_s"]["mean"], 2), _fmt(s["profile_s"]["mean"], 2),
-            _fmt(s.get("throughput_qps")), _fmt(s.get("prompt_tokens_mean"), 0),
+            f"`{name}`", str(s["num"]), str(s["num_errors"]), fmt_num(s["quality"]), fmt_num(s["f1"]), fmt_num(s["em"]),
+            fmt_num(s["rouge_l"]), fmt_num(s["numeric"]), fmt_num(t["mean"], 2), fmt_num(t["p50"], 2), fmt_num(t["p95"], 2),
+            fmt_num(s["ttft_s"]["mean"], 2), fmt_num(s["queue_s"]["mean"], 2), fmt_num(s["profile_s"]["mean"], 2),
+            fmt_num(s.get("throughput_qps")), fmt_num(s.get("prompt_tokens_mean"), 0),
             "★" if name in frontier else ""]) + " |")
     return "\n".join(lines)
 
@@ -280,7 +280,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- git: `{meta.get('git_commit')}`{' (uncommitted changes)' if meta.get('git_dirty') else ''}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
              f"- machine: {meta.get('platform')}, {meta.get('cpu_count')} CPUs",
-             f"- workload: {meta.get('num')} queries, Poisson arrivals at {_fmt(meta.get('rate_qps'))} q/s "
+             f"- workload: {meta.get('num')} queries, Poisson arrivals at {fmt_num(meta.get('rate_qps'))} q/s "
              f"(seed {meta.get('seed')}); collection `{meta.get('collection')}` "
              f"({meta.get('corpus', {}).get('chunks')} chunks{', corpus SUBSET' if meta.get('corpus', {}).get('subset') else ''})",
              f"- quality = {metric}; latency = launch at arrival -> answer (includes queueing)", ""]
@@ -289,27 +289,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Headline", ""]
     if "best_fixed" in h:
         b = h["best_fixed"]
-        lines.append(f"- best fixed plan: `{b['system']}` quality {_fmt(b['quality'])}, "
-                     f"{_fmt(b['mean_latency_s'], 2)} s")
+        lines.append(f"- best fixed plan: `{b['system']}` quality {fmt_num(b['quality'])}, "
+                     f"{fmt_num(b['mean_latency_s'], 2)} s")
     for name in ("metis", "metis+blend"):
         e = h.get(name)
         if not e:
             continue
-        lines.append(f"- {name}: quality {_fmt(e['quality'])}, {_fmt(e['mean_latency_s'], 2)} s")
+        lines.append(f"- {name}: quality {fmt_num(e['quality'])}, {fmt_num(e['mean_latency_s'], 2)} s")
         if "fixed_at_similar_latency" in e:
             f = e["fixed_at_similar_latency"]
             rel = f"{f['quality_gain_rel']:+.1%}" if f.get("quality_gain_rel") is not None else "n/a"
-            lines.append(f"  - vs fixed at similar latency `{f['system']}` ({_fmt(f['mean_latency_s'], 2)} s): "
-                         f"quality {_fmt(f['quality_gain'], 3)} (absolute), {rel} (relative)")
+            lines.append(f"  - vs fixed at similar latency `{f['system']}` ({fmt_num(f['mean_latency_s'], 2)} s): "
+                         f"quality {fmt_num(f['quality_gain'], 3)} (absolute), {rel} (relative)")
             q = e.get("fixed_at_equal_quality")
             lines.append(f"  - no fixed plan reaches its quality (within {EQUAL_QUALITY_TOL})" if q is None else
                          f"  - vs the fastest fixed plan at equal quality (within {EQUAL_QUALITY_TOL}) `{q['system']}` "
-                         f"({_fmt(q['mean_latency_s'], 2)} s): latency ratio {_fmt(q['latency_ratio'], 3)}")
+                         f"({fmt_num(q['mean_latency_s'], 2)} s): latency ratio {fmt_num(q['latency_ratio'], 3)}")
             v = e["vs_best_fixed"]
-            lines.append(f"  - vs best fixed: quality {_fmt(v['quality_gain'], 3)}, {_speed(v['latency_speedup'])}")
+            lines.append(f"  - vs best fixed: quality {fmt_num(v['quality_gain'], 3)}, {_speed(v['latency_speedup'])}")
         if "vs_adaptive" in e:
             v = e["vs_adaptive"]
-            lines.append(f"  - vs adaptive (AdaptiveRAG*): quality {_fmt(v['quality_gain'], 3)}, "
+            lines.append(f"  - vs adaptive (AdaptiveRAG*): quality {fmt_num(v['quality_gain'], 3)}, "
                          f"{_speed(v['latency_speedup'])}")
     for name, why in report.get("unavailable", {}).items():
         lines.append(f"- `{name}`: {why}")
@@ -327,7 +327,7 @@ def write_eval_report(out: Path, meta: dict[str, Any], runs: Sequence[Any],
     report = build_report(meta, rows_by_system, unavailable, extra)
     write_json(out / "report.json", report)
     write_jsonl(out / "rows.jsonl", (row for run in runs for row in run.rows))
-    title = f"{meta.get('dataset')} / {meta.get('model')}: {meta.get('num')} queries at {_fmt(meta.get('rate_qps'), 2)} q/s"
+    title = f"{meta.get('dataset')} / {meta.get('model')}: {meta.get('num')} queries at {fmt_num(meta.get('rate_qps'), 2)} q/s"
     if report["systems"]:
         primary = METRIC_LABELS.get(meta.get("quality_metric", "f1"), "quality")
         plot_quality_latency(out / "quality_vs_latency.png", report["systems"], "quality", title,

@@ -266,7 +266,7 @@ def _as_row(r: TuneRecord) -> dict[str, Any]:
 
 
 def write_summary(directory: str | Path, meta: TuneMeta, records: Sequence[TuneRecord]) -> dict[str, Any]:
-    from ragserve.eval.report import METRIC_LABELS, _fmt, plot_quality_latency, write_json
+    from ragserve.eval.report import METRIC_LABELS, fmt_num, plot_quality_latency, write_json
 
     directory = Path(directory)
     summary = summarize_profile(meta, records)
@@ -277,8 +277,8 @@ def write_summary(directory: str | Path, meta: TuneMeta, records: Sequence[TuneR
              "| plan | quality | F1 | mean latency s | prompt tokens | best for queries |", "|---|---|---|---|---|---|"]
     for name, s in summary["plans"].items():
         plan = name[len("fixed:"):] if name.startswith("fixed:") else name
-        lines.append(f"| `{plan}` | {_fmt(s['quality'])} | {_fmt(s['f1'])} | {_fmt(s['total_s']['mean'], 2)} | "
-                     f"{_fmt(s.get('prompt_tokens_mean'), 0)} | {summary['best_plan_counts'].get(plan, '')} |")
+        lines.append(f"| `{plan}` | {fmt_num(s['quality'])} | {fmt_num(s['f1'])} | {fmt_num(s['total_s']['mean'], 2)} | "
+                     f"{fmt_num(s.get('prompt_tokens_mean'), 0)} | {summary['best_plan_counts'].get(plan, '')} |")
     (directory / "summary.md").write_text("\n".join(lines) + "\n")
     if summary["plans"]:
         plot_quality_latency(directory / "plans.png", {k: v for k, v in summary["plans"].items()
