@@ -94,6 +94,13 @@ class SynthesisConfig:
     """Summary cap for map_reduce/refine when the plan gives none."""
     answer_stop: tuple[str, ...] = ("\n",)
     """Answers end at these strings (short-answer QA); set [] for multi-line summaries."""
+    answer_style: str = "short"
+    """short: a phrase copied from the context (factoid QA) | summary: two to four sentences
+    (query-focused summaries; pair it with answer_stop: [] and a larger answer_tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.answer_style not in ("short", "summary"):
+            raise ConfigError(f"synthesis.answer_style={self.answer_style!r} must be 'short' or 'summary'")
 
 
 @dataclass(frozen=True)

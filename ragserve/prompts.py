@@ -5,6 +5,11 @@ SYSTEM = ("You are a precise assistant. Answer the question using only the given
           "Reply with the shortest answer: a name, number, date or short phrase copied from the "
           "context, on one line, with no explanation.")
 
+# Query-focused summaries (qmsum-style questions): prose, several lines allowed.
+SYSTEM_SUMMARY = ("You are a precise assistant. Answer the question using only the given context. "
+                  "Reply with a short summary of two to four sentences in plain prose, with no preamble.")
+ANSWER_SYSTEMS = {"short": SYSTEM, "summary": SYSTEM_SUMMARY}   # synthesis.answer_style -> system prompt
+
 # stuff / reduce: one call over all passages (or summaries).
 ANSWER = "Context:\n{context}\n\nQuestion: {question}\nAnswer:"
 

@@ -41,16 +41,16 @@ def _context(chunks: Sequence[Chunk]) -> str:
 
 
 def answer_call(question: str, chunks: Sequence[Chunk], max_tokens: int, tag: str = "stuff",
-                stop: tuple[str, ...] = (), steer: bool | None = None) -> LLMCall:
+                stop: tuple[str, ...] = (), steer: bool | None = None, system: str = prompts.SYSTEM) -> LLMCall:
     user = prompts.ANSWER.format(context=_context(chunks), question=question)
-    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop,
+    return LLMCall(_messages(system, user), max_tokens, stop=stop,
                    chunk_ids=tuple(c.id for c in chunks), tag=tag, steer=steer)
 
 
 def map_rerank_call(question: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = (),
-                    steer: bool | None = None) -> LLMCall:
+                    steer: bool | None = None, system: str = prompts.SYSTEM) -> LLMCall:
     user = prompts.MAP_RERANK.format(context=_context([chunk]), question=question)
-    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop, logprobs=True,
+    return LLMCall(_messages(system, user), max_tokens, stop=stop, logprobs=True,
                    chunk_ids=(chunk.id,), tag="map_rerank", steer=steer)
 
 
@@ -60,9 +60,10 @@ def map_summary_call(question: str, chunk: Chunk, max_tokens: int) -> LLMCall:
     return LLMCall(_messages(prompts.MAP_SYSTEM, user), max_tokens, chunk_ids=(chunk.id,), tag="map")
 
 
-def refine_call(question: str, answer: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = ()) -> LLMCall:
+def refine_call(question: str, answer: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = (),
+                system: str = prompts.SYSTEM) -> LLMCall:
     user = prompts.REFINE.format(question=question, answer=answer, context=_context([chunk]))
-    return LLMCall(_messages(prompts.SYSTEM, user), max_tokens, stop=stop, chunk_ids=(chunk.id,), tag="refine")
+    return LLMCall(_messages(system, user), max_tokens, stop=stop, chunk_ids=(chunk.id,), tag="refine")
 
 
 def _is(text: str, word: str) -> bool:
@@ -85,6 +86,16 @@ def pick_best(results: Sequence[LLMResult]) -> Candidate:
     return best
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """How every answer-writing call of one program is made."""
+
+    max_tokens: int
+    stop: tuple[str, ...]
+    system: str
+    steer: bool | None
+
+
 def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config: SynthesisConfig,
                   steer: bool | None = None) -> Program:
     """`steer` (LLMSteer) goes on the calls that read passages in the answer layout (stuff,
@@ -93,44 +104,45 @@ def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config:
     if not chunks:
         raise ValueError("a synthesis program needs at least one chunk")
     inter = plan.intermediate_tokens or config.default_intermediate_tokens
-    out, stop = config.answer_tokens, tuple(config.answer_stop)
+    ans = _Answer(config.answer_tokens, tuple(config.answer_stop), prompts.ANSWER_SYSTEMS[config.answer_style], steer)
     if plan.method is Method.STUFF:
-        return _stuff(question, chunks, out, stop, steer)
+        return _stuff(question, chunks, ans)
     if plan.method is Method.MAP_RERANK:
-        return _map_rerank(question, chunks, out, stop, steer)
+        return _map_rerank(question, chunks, ans)
     if plan.method is Method.MAP_REDUCE:
-        return _map_reduce(question, chunks, inter, out, stop, steer)
-    return _refine(question, chunks, inter, out, stop, steer)
+        return _map_reduce(question, chunks, inter, ans)
+    return _refine(question, chunks, inter, ans)
 
 
-def _stuff(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...], steer: bool | None) -> Program:
-    (result,) = yield [answer_call(question, chunks, out, stop=stop, steer=steer)]
+def _stuff(question: str, chunks: list[Chunk], ans: _Answer) -> Program:
+    (result,) = yield [answer_call(question, chunks, ans.max_tokens, stop=ans.stop, steer=ans.steer, system=ans.system)]
     return result.text
 
 
-def _map_rerank(question: str, chunks: list[Chunk], out: int, stop: tuple[str, ...], steer: bool | None) -> Program:
-    results = yield [map_rerank_call(question, c, out, stop, steer) for c in chunks]
+def _map_rerank(question: str, chunks: list[Chunk], ans: _Answer) -> Program:
+    results = yield [map_rerank_call(question, c, ans.max_tokens, ans.stop, ans.steer, ans.system) for c in chunks]
     return pick_best(results).text
 
 
-def _map_reduce(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...],
-                steer: bool | None) -> Program:
+def _map_reduce(question: str, chunks: list[Chunk], inter: int, ans: _Answer) -> Program:
     summaries = yield [map_summary_call(question, c, inter) for c in chunks]
     kept = [Chunk(id=c.id + "/summary", doc_id=c.doc_id, text=s.text, num_tokens=s.output_tokens, title=c.title)
             for c, s in zip(chunks, summaries) if s.text.strip() and not _is(s.text, prompts.NONE)]
     if not kept:   # nothing relevant anywhere: answer from the raw top chunk rather than from nothing
         kept = chunks[:1]
-    (result,) = yield [answer_call(question, kept, out, tag="reduce", stop=stop, steer=steer)]
+    (result,) = yield [answer_call(question, kept, ans.max_tokens, tag="reduce", stop=ans.stop, steer=ans.steer,
+                                   system=ans.system)]
     return result.text
 
 
-def _refine(question: str, chunks: list[Chunk], inter: int, out: int, stop: tuple[str, ...],
-            steer: bool | None) -> Program:
+def _refine(question: str, chunks: list[Chunk], inter: int, ans: _Answer) -> Program:
     # Intermediate answers are capped at `inter`; the last pass at the answer length.
-    first_cap = out if len(chunks) == 1 else inter
-    (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=stop, steer=steer)]
+    first_cap = ans.max_tokens if len(chunks) == 1 else inter
+    (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=ans.stop, steer=ans.steer,
+                                   system=ans.system)]
     answer = result.text
     for i, chunk in enumerate(chunks[1:], start=2):
-        (result,) = yield [refine_call(question, answer, chunk, out if i == len(chunks) else inter, stop)]
+        cap = ans.max_tokens if i == len(chunks) else inter
+        (result,) = yield [refine_call(question, answer, chunk, cap, ans.stop, ans.system)]
         answer = result.text or answer
     return answer

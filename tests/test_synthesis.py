@@ -1,7 +1,10 @@
 """Synthesis programs driven with canned results: call structure, fan-out, answer choice."""
 from __future__ import annotations
 
+import pytest
+
 from ragserve.config import SynthesisConfig
+from ragserve.errors import ConfigError
 from ragserve.domain import Chunk, LLMResult, Method, RagPlan
 from ragserve.synthesis import build_program, pick_best
 
@@ -83,3 +86,21 @@ def test_answers_stop_at_newline_by_default():
     _, batches = drive(build_program("q?", make_chunks(1), RagPlan(Method.STUFF, 1), SynthesisConfig()),
                        lambda c: result("x"))
     assert batches[0][0].stop == ("\n",)
+
+
+def test_summary_style_asks_every_answer_call_for_sentences():
+    config = SynthesisConfig(answer_style="summary", answer_stop=())
+    for method in Method:
+        plan = RagPlan(method, 2, 16)
+        _, batches = drive(build_program("q?", make_chunks(2), plan, config), lambda c: result("facts"))
+        answer_calls = [c for b in batches for c in b if c.tag != "map"]
+        assert answer_calls, method
+        assert all("two to four sentences" in c.messages[0][1] and c.stop == () for c in answer_calls), method
+    _, batches = drive(build_program("q?", make_chunks(1), RagPlan(Method.STUFF, 1), SynthesisConfig()),
+                       lambda c: result("x"))
+    assert "shortest answer" in batches[0][0].messages[0][1]
+
+
+def test_unknown_answer_style_is_a_config_error():
+    with pytest.raises(ConfigError, match="answer_style='essay'"):
+        SynthesisConfig(answer_style="essay")

@@ -48,7 +48,7 @@ class DatasetSpec:
     quality_metric: str          # the primary metric: f1 | rouge_l | numeric_or_f1
     description: str             # METIS' one-line dataset metadata for the profiler
     answer_tokens: int           # cap on the final answer (gold answers' length + slack)
-    multiline_answers: bool      # summaries: do not stop the answer at a newline
+    answer_style: str            # synthesis.answer_style: short (a phrase) | summary (sentences, no newline stop)
     filter_key: str | None       # question field that restricts retrieval ("doc_id"), if any
     filter_always: bool          # apply filter_key by default (qmsum) or only on request
 
@@ -56,20 +56,20 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "squad": DatasetSpec(
         "squad", "f1", "Wikipedia paragraphs (SQuAD v1.1 dev, 48 articles); single-hop factual questions",
-        answer_tokens=32, multiline_answers=False, filter_key=None, filter_always=False),
+        answer_tokens=32, answer_style="short", filter_key=None, filter_always=False),
     "2wikimultihopqa": DatasetSpec(
         "2wikimultihopqa", "f1",
         "Wikipedia paragraphs about people, films and places; multi-hop questions (2-4 paragraphs)",
-        answer_tokens=32, multiline_answers=False, filter_key=None, filter_always=False),
+        answer_tokens=32, answer_style="short", filter_key=None, filter_always=False),
     "qmsum": DatasetSpec(
         "qmsum", "rouge_l",
         "Meeting transcripts (product design, academic, parliament), one meeting per query; "
         "query-focused summaries",
-        answer_tokens=160, multiline_answers=True, filter_key="doc_id", filter_always=True),
+        answer_tokens=160, answer_style="summary", filter_key="doc_id", filter_always=True),
     "financebench": DatasetSpec(
         "financebench", "numeric_or_f1",
         "Pages of SEC filings (10-K, 10-Q, 8-K) of public companies, 2015-2023; financial questions",
-        answer_tokens=96, multiline_answers=False, filter_key="doc_id", filter_always=False),
+        answer_tokens=96, answer_style="short", filter_key="doc_id", filter_always=False),
 }
 
 
@@ -107,13 +107,15 @@ def load_corpus(name: str, root: str | Path | None = None) -> list[dict[str, Any
 # ---------------------------------------------------------------------------- settings
 
 def apply_dataset_settings(config: Config, spec: DatasetSpec, collection: str) -> Config:
-    """The dataset's answer length/stop and profiler description, where `config` leaves
+    """The dataset's answer length/stop/style and profiler description, where `config` leaves
     the defaults (an explicit config file wins)."""
     default = SynthesisConfig()
     syn = config.synthesis
     if syn.answer_tokens == default.answer_tokens:
         syn = replace(syn, answer_tokens=spec.answer_tokens)
-    if spec.multiline_answers and syn.answer_stop == default.answer_stop:
+    if syn.answer_style == default.answer_style:
+        syn = replace(syn, answer_style=spec.answer_style)
+    if spec.answer_style == "summary" and syn.answer_stop == default.answer_stop:
         syn = replace(syn, answer_stop=())
     descriptions = dict(config.metis.descriptions)
     descriptions.setdefault(collection, spec.description)
