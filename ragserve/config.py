@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ragserve.errors import ConfigError
+from ragserve.prompts import ANSWER_SYSTEMS
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,8 +100,8 @@ class SynthesisConfig:
     (query-focused summaries; pair it with answer_stop: [] and a larger answer_tokens)."""
 
     def __post_init__(self) -> None:
-        if self.answer_style not in ("short", "summary"):
-            raise ConfigError(f"synthesis.answer_style={self.answer_style!r} must be 'short' or 'summary'")
+        if self.answer_style not in ANSWER_SYSTEMS:
+            raise ConfigError(f"synthesis.answer_style={self.answer_style!r} must be one of: {', '.join(ANSWER_SYSTEMS)}")
 
 
 @dataclass(frozen=True)

@@ -102,5 +102,5 @@ def test_summary_style_asks_every_answer_call_for_sentences():
 
 
 def test_unknown_answer_style_is_a_config_error():
-    with pytest.raises(ConfigError, match="answer_style='essay'"):
+    with pytest.raises(ConfigError, match="answer_style='essay' must be one of: short, summary"):
         SynthesisConfig(answer_style="essay")
