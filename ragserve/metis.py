@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ragserve import prompts
 from ragserve.config import Config
 from ragserve.controller import Decision, run_program
 from ragserve.cost import CostConfig, CostModel
@@ -111,9 +112,7 @@ class MetisPlanner:
         return profile_builder(self._builders, self.config, collection)
 
     def _token_counts(self, collection: Any, hits: list[RetrievedChunk]) -> list[int]:
-        if Path(str(collection.spec.tokenizer)).name == self.engine.model.name:
-            return [h.chunk.num_tokens for h in hits]
-        return [self.engine.count_tokens(h.chunk.text) for h in hits]   # another model's tokens
+        return chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
 
     def effective_stats(self) -> EngineStats:
         stats = self.engine.stats()
@@ -200,6 +199,23 @@ def blend_fraction(config: Config) -> float:
     if config.blend.enabled and config.engine.backend == "local":
         return max(config.blend.ratio, 0.01)
     return 1.0
+
+
+def chunk_prompt_tokens(engine: Any, collection: Any, hits: list[RetrievedChunk], header_allowance: int
+                        ) -> list[int]:
+    """Each hit's prompt tokens beyond the cost model's per-chunk allowance: its text plus the
+    part of its passage header ("[n] title") the allowance does not cover. qmsum/financebench
+    titles take ~20 tokens; without this a plan priced just under the engine's limit fails there."""
+    same_tokenizer = Path(str(collection.spec.tokenizer)).name == engine.model.name
+    headers: dict[str, int] = {}
+    out = []
+    for h in hits:
+        title = h.chunk.title or ""
+        if title not in headers:
+            headers[title] = engine.count_tokens(prompts.format_passage(1, title, "") + "\n\n")
+        text = h.chunk.num_tokens if same_tokenizer else engine.count_tokens(h.chunk.text)
+        out.append(text + max(0, headers[title] - header_allowance))
+    return out
 
 
 def profile_builder(cache: dict[str, ProfilePromptBuilder], config: Config, collection: Any

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 from ragserve.config import Config
@@ -158,8 +157,9 @@ class AdaptivePlanner:
             profile = await run_llm_profiler(self.engine, self._builder(collection), question, SEED_EXAMPLES)
         profile_s = time.perf_counter() - t0
         plans = prune(profile, self.rules, len(hits))
-        counts = [h.chunk.num_tokens if Path(str(collection.spec.tokenizer)).name == self.engine.model.name
-                  else self.engine.count_tokens(h.chunk.text) for h in hits]
+        from ragserve.metis import chunk_prompt_tokens
+
+        counts = chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
         costs = self.cost.estimate_many(plans, counts, self.engine.count_tokens(question))
         runnable = [(c.kv_budget_tokens, i) for i, c in enumerate(costs)
                     if c.max_call_tokens <= self.max_call_tokens and c.kv_tokens <= self.max_call_tokens]

@@ -113,3 +113,25 @@ def test_metis_runs_no_golden_feedback_with_a_learned_profiler():
         return spawned
 
     assert asyncio.run(run()) == 0
+
+
+def test_chunk_prompt_tokens_count_long_titles_beyond_the_header_allowance():
+    from ragserve.metis import chunk_prompt_tokens
+
+    long_title = " ".join(["w"] * 20)   # qmsum/financebench titles run ~20 tokens
+    titled = [RetrievedChunk(Chunk("a#0", "a", "text " * 100, 100, title=long_title), 1.0),
+              RetrievedChunk(Chunk("b#0", "b", "text " * 50, 50), 0.9)]
+    # FakeEngine counts words: "[1] " + 20 title words (+ newlines) = 21, 13 above an allowance of 8;
+    # an untitled header ("[1]") fits the allowance
+    assert chunk_prompt_tokens(FakeEngine(0), COLLECTION, titled, header_allowance=8) == [113, 50]
+
+
+def test_adaptive_prices_long_titles_and_stays_under_the_engine_limit():
+    single = QueryProfile(Complexity.LOW, True, 10, (30, 60), source=ProfileSource.LEARNED)
+    config = Config(engine=EngineConfig(max_context_tokens=2048))
+    titled = [RetrievedChunk(Chunk(f"c{i}#0", f"c{i}", "text " * 150, 150, title=" ".join(["w"] * 20)), 1.0)
+              for i in range(30)]
+    planner = AdaptivePlanner(FakeEngine(20_000), config, learned=Profile(single))
+    d = asyncio.run(planner.decide("Compare them", COLLECTION, titled))
+    # 150 text + ~21 header tokens per chunk: only ~11 chunks fit a 2,048-token call (untitled: ~12-13)
+    assert d.plan.method.value == "stuff" and 10 <= d.plan.num_chunks <= 11
