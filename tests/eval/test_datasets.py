@@ -1,8 +1,6 @@
 """Per-dataset synthesis settings: what each dataset's answers should look like."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from ragserve.config import Config, SynthesisConfig
 from ragserve.eval.datasets import apply_dataset_settings, get_spec
 
@@ -15,6 +13,6 @@ def test_qmsum_asks_for_multi_line_summaries_and_squad_for_short_answers():
 
 
 def test_an_explicit_config_wins_over_the_dataset():
-    mine = replace(Config(), synthesis=SynthesisConfig(answer_tokens=48, answer_style="summary"))
+    mine = Config(synthesis=SynthesisConfig(answer_tokens=48, answer_style="summary"))
     syn = apply_dataset_settings(mine, get_spec("squad"), "eval-squad").synthesis
     assert (syn.answer_style, syn.answer_tokens) == ("summary", 48)

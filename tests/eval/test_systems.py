@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from ragserve.config import Config, EngineConfig, VllmConfig, VllmEndpoint
+from ragserve.config import Config, EngineConfig, MetisConfig, VllmConfig, VllmEndpoint
 from ragserve.domain import Chunk, EngineStats, RetrievedChunk
 from ragserve.errors import BadInput
 from ragserve.eval.systems import (DEFAULT_FIXED_GRID, AdaptivePlanner, parse_grid, parse_systems, system_config,
                                    unavailable_reason)
+from ragserve.metis import MetisPlanner, chunk_prompt_tokens
 from ragserve.profiler import Complexity, ProfileSource, QueryProfile
 from tests.core.factories import SMOLLM2
 
@@ -99,9 +100,6 @@ def test_adaptive_drops_plans_above_the_engine_limit():
 
 def test_metis_runs_no_golden_feedback_with_a_learned_profiler():
     """Golden runs only feed the LLM profiler's examples; with a learned one they are pure load."""
-    from ragserve.config import MetisConfig
-    from ragserve.metis import MetisPlanner
-
     low = QueryProfile(Complexity.LOW, False, 1, (30, 60), confidence=1.0, source=ProfileSource.LEARNED)
     planner = MetisPlanner(FakeEngine(20_000), Config(metis=MetisConfig(feedback_every=1)), learned=Profile(low))
 
@@ -116,8 +114,6 @@ def test_metis_runs_no_golden_feedback_with_a_learned_profiler():
 
 
 def test_chunk_prompt_tokens_count_long_titles_beyond_the_header_allowance():
-    from ragserve.metis import chunk_prompt_tokens
-
     long_title = " ".join(["w"] * 20)   # qmsum/financebench titles run ~20 tokens
     titled = [RetrievedChunk(Chunk("a#0", "a", "text " * 100, 100, title=long_title), 1.0),
               RetrievedChunk(Chunk("b#0", "b", "text " * 50, 50), 0.9)]
