@@ -277,7 +277,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ragserve.errors import BadInput
 
     if args.action == "train-profiler":
-        from ragserve.eval.learned import train_profiler
+        from ragserve.eval.training import train_profiler
 
         if not args.profiles:
             raise BadInput("train-profiler needs tuning profile dir(s), e.g. ragserve tune train-profiler "

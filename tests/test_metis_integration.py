@@ -10,7 +10,7 @@ import pytest
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
 from ragserve.retrieval.ingest import Retriever
 from tests.conftest import shared_embedder
 
@@ -38,7 +38,7 @@ class FixedProfiler:
 
 def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_engine):
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     # ~4,500 KV tokens: two 9-chunk stuff prompts (~2k tokens each) fit at once, not eight.
     budget_mb = 4500 * smollm2_engine.model.kv_bytes_per_token / 2**20

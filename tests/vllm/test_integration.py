@@ -24,7 +24,7 @@ import pytest
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig, VllmConfig, VllmEndpoint
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
 from ragserve.retrieval.ingest import Retriever
 from ragserve.runtime import build_runtime
 from tests.conftest import shared_embedder
@@ -189,7 +189,7 @@ def tenant_load(engine, capacity: int, base_used: int, need: int) -> tuple[int, 
 
 def test_load_moves_and_metis_picks_smaller_plans(vllm_url, small_squad):
     from ragserve.engines.vllm import VllmEngine
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     config = make_config(vllm_url)
     engine = VllmEngine(config.vllm, config.engine)
@@ -281,7 +281,8 @@ def test_two_endpoints_one_killed_mid_run_loses_no_query(vllm_url, small_squad, 
 def test_profiler_on_an_endpoint_beside_the_serving_engine(vllm_url):
     """metis.profiler_endpoint: the profile comes from the endpoint's model with log-prob confidence."""
     from ragserve.engines.vllm.endpoint import EndpointGenerator
-    from ragserve.profiler import SEED_EXAMPLES, ProfilePromptBuilder, ProfileSource, run_llm_profiler
+    from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+    from ragserve.metis.profile import ProfileSource
 
     async def run():
         gen = EndpointGenerator(VllmEndpoint(vllm_url, MODEL))

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence
 
-from ragserve.cost import CostModel, PlanCost
 from ragserve.domain import EngineStats, Method, RagPlan
 from ragserve.errors import AdmissionRejected, BadInput, ConfigError, NoFeasiblePlan
-from ragserve.planner import PlanSpace
-from ragserve.profiler import QueryProfile
+from ragserve.metis.cost import CostModel, PlanCost
+from ragserve.metis.profile import QueryProfile
+from ragserve.metis.rules import PlanSpace
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Admitted:
     """A job admitted this step, with the plan to run."""
 
     job: Job
@@ -192,7 +192,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ step
 
-    def schedule(self, stats: EngineStats, now_s: float | None = None) -> list[Decision]:
+    def schedule(self, stats: EngineStats, now_s: float | None = None) -> list[Admitted]:
         """Admit what fits `stats` now; returns the admitted jobs (possibly none).
 
         Called by the controller when a query arrives and whenever engine calls finish.
@@ -204,7 +204,7 @@ class Scheduler:
         entries = list(self._waiting.values())
         if self.config.policy is Policy.SJF:
             entries.sort(key=lambda e: (e.min_cost.kv_budget_tokens, e.job.arrival_s))
-        decisions: list[Decision] = []
+        decisions: list[Admitted] = []
         for entry in entries:
             error = self._never_fits(entry)
             if error is not None:
@@ -254,25 +254,25 @@ class Scheduler:
                 "smaller chunks")
         return None
 
-    def _decide(self, entry: _Entry, free: int, now: float) -> Decision | None:
+    def _decide(self, entry: _Entry, free: int, now: float) -> Admitted | None:
         job = entry.job
         wait_s = max(0.0, now - job.arrival_s)
         left_s = None if job.slo_s is None else job.slo_s - wait_s
         best_fit = next(((c, p) for c, p in entry.candidates if c.kv_budget_tokens <= free), None)
         if best_fit is not None and left_s is None:
-            return Decision(job, best_fit[1], Reason.FIT, free, best_fit[0], wait_s)
+            return Admitted(job, best_fit[1], Reason.FIT, free, best_fit[0], wait_s)
         if best_fit is not None:
             pick = next(((c, p) for c, p in entry.candidates
                          if c.kv_budget_tokens <= free and c.est_latency_s <= left_s), None)
             if pick is not None:
                 reason = Reason.FIT if pick[1] == best_fit[1] else Reason.SLO
-                return Decision(job, pick[1], reason, free, pick[0], wait_s)
+                return Admitted(job, pick[1], reason, free, pick[0], wait_s)
         fallback = self._largest_fallback(entry, free, left_s)
         if fallback is None and left_s is not None:
             fallback = self._largest_fallback(entry, free, None, max_chunks=1)   # SLO lost anyway
         if fallback is None:
             return None
-        return Decision(job, fallback[1], Reason.FALLBACK, free, fallback[0], wait_s)
+        return Admitted(job, fallback[1], Reason.FALLBACK, free, fallback[0], wait_s)
 
     def _largest_fallback(self, entry: _Entry, free: int, left_s: float | None,
                           max_chunks: int | None = None) -> tuple[PlanCost, RagPlan] | None:
@@ -302,7 +302,7 @@ class Scheduler:
                 hi = mid - 1
         return cost(lo), RagPlan(job.fallback, lo)
 
-    def _record(self, d: Decision) -> None:
+    def _record(self, d: Admitted) -> None:
         self.plans_chosen[d.plan.method.value] += 1
         self.reasons[d.reason.value] += 1
         logger.info("decision job=%s profile=%s pruned=%d plan=%s reason=%s kv_free=%d "
