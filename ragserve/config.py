@@ -110,10 +110,12 @@ class MetisConfig:
     """Order of queries waiting for KV: fcfs (head blocks, no starvation) | sjf (cheapest first)."""
     rules_file: str | None = None
     """YAML file with planner rules (see ragserve/metis/rules.py); None = METIS Algorithm 1."""
-    offer_refine: bool = False
-    """Offer refine wherever map_reduce is offered (not in METIS' default rules)."""
-    confidence_threshold: float = 0.9
-    """Below this profiler confidence, plan over the union of the last 10 pruned spaces."""
+    offer_refine: bool | None = None
+    """Offer refine wherever map_reduce is offered (not in METIS' default rules). None = the
+    rules file's value, else false. Set here and in the rules file, both must agree."""
+    confidence_threshold: float | None = None
+    """Below this profiler confidence, plan over the union of the last 10 pruned spaces. None =
+    the rules file's value, else 0.9 (PlannerRules). Set here and in the rules file, both must agree."""
     feedback_every: int = 30
     """Run the golden plan and ask the profiler for feedback every N queries; 0 = off."""
     max_waiting: int = 256

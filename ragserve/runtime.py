@@ -69,11 +69,6 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
     retriever = Retriever(embedder)
-    profiler = None
-    if metis and config.metis.profiler_endpoint is not None and learned is None:
-        from ragserve.engines.vllm.endpoint import EndpointGenerator
-
-        profiler = EndpointGenerator(config.metis.profiler_endpoint, config.vllm)
-    planner = MetisPlanner(engine, config, learned=learned, profiler=profiler) if metis else None
+    planner = MetisPlanner(engine, config, learned=learned) if metis else None
     controller = Controller(engine, retriever, config, planner=planner, default_plan=DEFAULT_PLAN)
     return Runtime(config, controller, engine, retriever, planner)

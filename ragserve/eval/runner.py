@@ -31,6 +31,7 @@ from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_
                                     load_questions, query_filters, score)
 from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
 from ragserve.eval.workload import Workload, make_workload
+from ragserve.metis.rules import PlannerRules
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                       "answer_stop": list(config.synthesis.answer_stop)},
         "metis": {"feedback_every": config.metis.feedback_every, "policy": config.metis.policy,
                   "learned_profiler": config.metis.learned_profiler,
-                  "confidence_threshold": config.metis.confidence_threshold},
+                  "confidence_threshold": PlannerRules.from_config(config.metis).confidence_threshold},
         "engine_config": {"kv_budget_mb": config.engine.kv_budget_mb,
                           "max_batch_size": config.engine.max_batch_size},
         "command": settings.command, **{k: v for k, v in info.items() if k != "workload"},

@@ -20,12 +20,12 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.controller import Decision
-from ragserve.domain import LLMCall, Method, RagPlan, RetrievedChunk
+from ragserve.domain import Method, RagPlan, RetrievedChunk
 from ragserve.errors import BadInput
-from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+from ragserve.metis.planner import MetisPlanner, PlannerSetup, chunk_prompt_tokens, llm_profiler_engine, profile_builder
 from ragserve.metis.profile import LearnedProfiler
-from ragserve.metis.rules import PlannerRules, prune
+from ragserve.metis.rules import prune
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,12 @@ def system_config(system: System, config: Config) -> Config:
 
 def make_planner(system: System, engine: Any, config: Config,
                  learned: LearnedProfiler | None = None) -> Any:
-    """The controller planner of `system` (None for a fixed plan)."""
+    """The controller planner of `system` (None for a fixed plan), set up as `serve` sets
+    up METIS: the same rules, cost model and LLM profiler (metis.profiler_endpoint)."""
     if system.kind == "fixed":
         return None
     if system.kind == "adaptive":
         return AdaptivePlanner(engine, config, learned)
-    from ragserve.metis.planner import MetisPlanner
-
     return MetisPlanner(engine, config, learned=learned)
 
 
@@ -131,22 +130,16 @@ class AdaptivePlanner:
     dropped first. Nothing is reserved: the engine queues what does not fit.
     """
 
-    def __init__(self, engine: Any, config: Config, learned: LearnedProfiler | None = None) -> None:
+    def __init__(self, engine: Any, config: Config, learned: LearnedProfiler | None = None,
+                 profiler: Any = None) -> None:
         self.engine = engine
         self.config = config
-        mc = config.metis
-        rules = PlannerRules.load(mc.rules_file) if mc.rules_file else PlannerRules()
-        self.rules = replace(rules, offer_refine=mc.offer_refine or rules.offer_refine)
-        self.max_chunks_needed = int(10 * self.rules.max_chunks_factor)   # pieces <= 10
+        setup = PlannerSetup.build(engine, config)   # METIS' rules and cost model
+        self.rules, self.cost, self.max_chunks_needed = setup.rules, setup.cost, setup.max_chunks_needed
         self.learned = learned
-        syn = config.synthesis
-        probe = LLMCall((("system", "x"), ("user", "x")), 1)
-        overhead = max(0, engine.prompt_tokens(probe) - 2)
-        self.cost = CostModel(engine.model, CostConfig(
-            answer_tokens=syn.answer_tokens, default_intermediate_tokens=syn.default_intermediate_tokens,
-            overhead_tokens_per_call=overhead + 60))
-        self.max_call_tokens = min(engine.model.max_context, config.engine.max_context_tokens,
-                                   engine.stats().kv_capacity_tokens)
+        # The LLM profiler runs where METIS' does: metis.profiler_endpoint, else the serving engine.
+        self.profiler = profiler or (engine if learned is not None else llm_profiler_engine(config, engine))
+        self.max_call_tokens = min(self.cost.model.max_context, engine.stats().kv_capacity_tokens)
         self._builders: dict[str, ProfilePromptBuilder] = {}
 
     async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
@@ -155,11 +148,9 @@ class AdaptivePlanner:
         if self.learned is not None:
             profile = self.learned.profile(question)
         else:
-            profile = await run_llm_profiler(self.engine, self._builder(collection), question, SEED_EXAMPLES)
+            profile = await run_llm_profiler(self.profiler, self._builder(collection), question, SEED_EXAMPLES)
         profile_s = time.perf_counter() - t0
         plans = prune(profile, self.rules, len(hits))
-        from ragserve.metis.planner import chunk_prompt_tokens
-
         counts = chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
         costs = self.cost.estimate_many(plans, counts, self.engine.count_tokens(question))
         runnable = [(c.kv_budget_tokens, i) for i, c in enumerate(costs)
@@ -178,9 +169,8 @@ class AdaptivePlanner:
         """Nothing was reserved."""
 
     async def close(self) -> None:
-        """No background work."""
+        if self.profiler is not self.engine:
+            await self.profiler.close()
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
-        from ragserve.metis.planner import profile_builder
-
         return profile_builder(self._builders, self.config, collection)

@@ -24,7 +24,7 @@ from ragserve.engines.base import Engine
 from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.metis.feedback import FeedbackLoop
 from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
-from ragserve.metis.profile import LearnedProfiler, QueryProfile
+from ragserve.metis.profile import MAX_PIECES, LearnedProfiler, QueryProfile
 from ragserve.metis.rules import PlanPruner, PlannerRules
 from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig
 from ragserve.synthesis import build_program
@@ -32,6 +32,45 @@ from ragserve.synthesis import build_program
 logger = logging.getLogger(__name__)
 
 PUMP_INTERVAL_S = 0.02   # re-check waiting queries this often: engine calls finish on their own
+
+# Tokens of the synthesis instructions around the question and the passages of one call
+# (prompts.py), on top of the chat template measured on the engine: 45-68 tokens in
+# SmolLM2's and Qwen's tokenizers (refine's, which also carries the previous answer, 87).
+INSTRUCTION_TOKENS = 60
+
+
+@dataclass(frozen=True)
+class PlannerSetup:
+    """What every planner over one engine shares: METIS and the AdaptiveRAG* baseline
+    (ragserve.eval.systems) prune with the same rules and price with the same cost model."""
+
+    rules: PlannerRules
+    cost: CostModel         # for engine.model, its context capped at engine.max_context_tokens
+    max_chunks_needed: int  # chunks to retrieve: the most the rules give a 10-piece profile
+
+    @classmethod
+    def build(cls, engine: Engine, config: Config) -> "PlannerSetup":
+        rules = PlannerRules.from_config(config.metis)
+        probe = LLMCall((("system", "x"), ("user", "x")), 1)
+        template = max(0, engine.prompt_tokens(probe) - 2)   # the chat template around two 1-token turns
+        model = replace(engine.model, max_context=min(engine.model.max_context, config.engine.max_context_tokens))
+        syn = config.synthesis
+        cost = CostModel(model, CostConfig(answer_tokens=syn.answer_tokens,
+                                           default_intermediate_tokens=syn.default_intermediate_tokens,
+                                           overhead_tokens_per_call=template + INSTRUCTION_TOKENS,
+                                           blend_prefill_fraction=blend_fraction(config)))
+        return cls(rules, cost, int(MAX_PIECES * rules.max_chunks_factor))
+
+
+def llm_profiler_engine(config: Config, engine: Engine) -> Any:
+    """Where the LLM profiler runs: `metis.profiler_endpoint` when set (an OpenAI-compatible
+    server, e.g. a larger model on vLLM), else the serving engine. Close it if it is not `engine`."""
+    if config.metis.profiler_endpoint is None:
+        return engine
+    from ragserve.engines.vllm.endpoint import EndpointGenerator
+
+    return EndpointGenerator(config.metis.profiler_endpoint, config.vllm)
+
 
 
 @dataclass
@@ -46,23 +85,12 @@ class MetisPlanner:
     def __init__(self, engine: Engine, config: Config, learned: LearnedProfiler | None = None,
                  profiler: Any = None) -> None:
         self.engine = engine
-        # The LLM profiler's engine: the serving engine, or `metis.profiler_endpoint` (anything
-        # with `generate`). It only answers profile and feedback-review calls.
-        self.profiler = profiler or engine
         self.config = config
         mc = config.metis
-        rules = PlannerRules.load(mc.rules_file) if mc.rules_file else PlannerRules()
-        self.rules = replace(rules, offer_refine=mc.offer_refine or rules.offer_refine,
-                             confidence_threshold=mc.confidence_threshold)
-        self.max_chunks_needed = int(10 * self.rules.max_chunks_factor)   # pieces <= 10
-        syn = config.synthesis
-        probe = LLMCall((("system", "x"), ("user", "x")), 1)
-        overhead = max(0, engine.prompt_tokens(probe) - 2)
-        model = replace(engine.model, max_context=min(engine.model.max_context, config.engine.max_context_tokens))
-        self.cost = CostModel(model, CostConfig(answer_tokens=syn.answer_tokens,
-                                                default_intermediate_tokens=syn.default_intermediate_tokens,
-                                                overhead_tokens_per_call=overhead + 60,
-                                                blend_prefill_fraction=blend_fraction(config)))
+        setup = PlannerSetup.build(engine, config)
+        self.rules, self.cost, self.max_chunks_needed = setup.rules, setup.cost, setup.max_chunks_needed
+        # The LLM profiler's engine (profile and feedback-review calls only).
+        self.profiler = profiler or (engine if learned is not None else llm_profiler_engine(config, engine))
         self.scheduler = Scheduler(SchedulerConfig(policy=Policy(mc.policy), max_waiting=mc.max_waiting,
                                                    hold_until_release=True), self.cost,
                                    kv_capacity_tokens=engine.stats().kv_capacity_tokens)

@@ -129,16 +129,36 @@ class PlannerRules:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: str | Path) -> "PlannerRules":
+    def load(cls, path: str | Path, **settings: Any) -> "PlannerRules":
+        """The rules file at `path` (YAML), with `settings` on top (None = not set). A key
+        set both in the file and in `settings` must have the same value there."""
         import yaml
 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"planner rules file {str(p)!r} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"planner rules file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"planner rules file {str(p)!r} must hold a mapping")
-        return cls.from_dict(raw)
+        for key, value in settings.items():
+            if value is not None and key in raw and raw[key] != value:
+                raise ConfigError(f"planner rules file {str(p)!r} sets {key}={raw[key]!r} and the metis "
+                                  f"section sets {key}={value!r}; set it in one place")
+        return cls.from_dict({**raw, **{k: v for k, v in settings.items() if v is not None}})
+
+    @classmethod
+    def from_config(cls, metis: Any) -> "PlannerRules":
+        """The rules of a `MetisConfig`: its rules_file (or METIS' defaults) plus the two keys
+        the metis section may also set, offer_refine and confidence_threshold. Precedence:
+        a key set in one place holds; set in both, the values must agree (else ConfigError);
+        set in neither, the default here."""
+        settings = {"offer_refine": metis.offer_refine, "confidence_threshold": metis.confidence_threshold}
+        if metis.rules_file:
+            return cls.load(metis.rules_file, **settings)
+        return cls.from_dict({k: v for k, v in settings.items() if v is not None})
 
     def methods_for(self, profile: QueryProfile) -> tuple[Method, ...]:
         for rule in self.rules:

@@ -131,3 +131,58 @@ def test_adaptive_prices_long_titles_and_stays_under_the_engine_limit():
     d = asyncio.run(planner.decide("Compare them", COLLECTION, titled))
     # 150 text + ~21 header tokens per chunk: only ~11 chunks fit a 2,048-token call (untitled: ~12-13)
     assert d.plan.method.value == "stuff" and 10 <= d.plan.num_chunks <= 11
+
+
+class ProfilingEngine(FakeEngine):
+    """A serving engine whose LLM profiler would answer with a valid profile."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__(free)
+        self.calls: list = []
+
+    async def generate(self, calls):
+        from ragserve.domain import LLMResult
+
+        self.calls += calls
+        text = '{"complexity": "low", "joint_reasoning": true, "pieces": 2, "summary_range": [30, 60]}'
+        return [LLMResult(text, 10, 20, 0.1, 0.2, token_logprobs=(-0.01,) * 20) for _ in calls]
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "metis"])
+def test_eval_planners_profile_on_the_profiler_endpoint_like_serve(kind):
+    """metis.profiler_endpoint: eval's planners profile there, as `serve` does, not on the serving
+    engine. The endpoint is down, so the profile is the fallback; the serving engine is never asked."""
+    import socket
+
+    from ragserve.eval.systems import make_planner
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config(metis=MetisConfig(feedback_every=0, descriptions={"col": "notes"},
+                                      profiler_endpoint=VllmEndpoint(f"http://127.0.0.1:{port}", "qwen")),
+                    vllm=VllmConfig(max_retries=0, connect_timeout_s=1.0))
+    engine = ProfilingEngine(20_000)
+    planner = make_planner(parse_systems(kind)[0], engine, config)
+
+    async def run():
+        try:
+            return await planner.decide("Who?", COLLECTION, hits(5))
+        finally:
+            await planner.close()
+
+    decision = asyncio.run(run())
+    assert decision.details["profile"]["source"] == "fallback" and engine.calls == []
+
+
+def test_adaptive_and_metis_share_one_setup():
+    from ragserve.metis.planner import INSTRUCTION_TOKENS
+
+    config = Config(engine=EngineConfig(max_context_tokens=2048), metis=MetisConfig(offer_refine=True))
+    adaptive = AdaptivePlanner(FakeEngine(20_000), config, learned=Profile(None))
+    metis = MetisPlanner(FakeEngine(20_000), config, learned=Profile(None))
+    assert adaptive.rules == metis.rules and adaptive.rules.offer_refine
+    assert adaptive.cost.config == metis.cost.config and adaptive.cost.model == metis.cost.model
+    assert adaptive.cost.model.max_context == 2048 and adaptive.max_chunks_needed == metis.max_chunks_needed == 30
+    # FakeEngine.prompt_tokens of the two-turn probe is 30: 28 template tokens + the instructions
+    assert metis.cost.config.overhead_tokens_per_call == 28 + INSTRUCTION_TOKENS

@@ -164,3 +164,22 @@ def test_threshold_is_configurable():
     assert not gate.is_confident(make_profile(confidence=0.4))
     planner = PlanPruner(PlannerRules(confidence_threshold=0.5))
     assert not planner.plan(make_profile(confidence=0.6), 30).from_history
+
+
+def test_rules_file_and_metis_section_share_confidence_threshold_and_offer_refine(tmp_path):
+    """One owner per setting: set in one place it holds; set in both, the values must agree."""
+    from ragserve.config import MetisConfig
+
+    path = tmp_path / "rules.yaml"
+    path.write_text("confidence_threshold: 0.5\n")
+    assert PlannerRules.from_config(MetisConfig(rules_file=str(path))).confidence_threshold == 0.5
+    assert PlannerRules.from_config(MetisConfig(rules_file=str(path), confidence_threshold=0.5)).confidence_threshold == 0.5
+    assert PlannerRules.from_config(MetisConfig(confidence_threshold=0.7)).confidence_threshold == 0.7
+    assert PlannerRules.from_config(MetisConfig()) == PlannerRules()
+    with pytest.raises(ConfigError, match=r"confidence_threshold=0.5 and the metis section sets confidence_threshold=0.8"):
+        PlannerRules.from_config(MetisConfig(rules_file=str(path), confidence_threshold=0.8))
+    refine = tmp_path / "refine.yaml"
+    refine.write_text("offer_refine: false\n")
+    with pytest.raises(ConfigError, match="offer_refine"):
+        PlannerRules.from_config(MetisConfig(rules_file=str(refine), offer_refine=True))
+    assert PlannerRules.from_config(MetisConfig(offer_refine=True)).offer_refine
