@@ -4,7 +4,7 @@ batched vs sequential map phase (8 calls), for each model.
     python eval/bench_engine.py [--models smollm2,qwen] [--repeats 3]
 
 Writes eval/results/bench_engine.json and bench_engine.md.
-Targets (issue 2): Qwen bf16 prefill >= 900 tok/s at 512 tokens; batched map >= 3x sequential.
+Targets: Qwen bf16 prefill >= 900 tok/s at 512 tokens; batched map >= 3x sequential.
 """
 from __future__ import annotations
 

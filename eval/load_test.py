@@ -10,7 +10,7 @@ waits the Retry-After the server sent (at most what is left of the run), like a 
 client. After the deadline no request starts; those in flight finish (client timeout
 `--timeout`). Everything is sent to the one server on loopback; the loop stops by itself.
 
-Counts every request's outcome. Pass criteria (issue 6): 0 lost requests (connection
+Counts every request's outcome. Pass criteria: 0 lost requests (connection
 errors, client timeouts), 0 5xx other than 503 with Retry-After. Reports p50/p95/p99
 latency and TTFT of answered queries and throughput, plus the server's /v1/stats.
 Writes eval/results/load_test.json and eval/results/load_test.md.

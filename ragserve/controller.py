@@ -1,4 +1,4 @@
-"""The controller: the one module that knows retrieval, planning, scheduling and engines.
+"""The controller: wires retrieval, the planner and the engine for one query.
 
 query(question) -> retrieve -> decide the plan (given, or METIS: profile -> prune ->
 best-fit under the engine's free KV) -> run the plan's synthesis program on the engine
@@ -42,7 +42,7 @@ class Decision:
 
 
 class QueryPlanner(Protocol):
-    """Chooses a plan for a query whose plan the user did not fix (METIS, issue 3)."""
+    """Chooses a plan for a query whose plan the user did not fix (METIS: ragserve.metis.planner)."""
 
     max_chunks_needed: int
 

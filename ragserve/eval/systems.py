@@ -92,10 +92,6 @@ def unavailable_reason(system: System, config: Config) -> str | None:
     """Why `system` cannot run with `config`, or None when it can."""
     if not system.blend:
         return None
-    from ragserve import config as config_module
-
-    if not hasattr(config_module, "BlendConfig"):
-        return "unavailable: this ragserve has no CacheBlend (ragserve.config.BlendConfig)"
     if config.engine.backend == "vllm" and not all(e.lmcache_blend for e in config.vllm.endpoints):
         return ("unavailable on the vllm backend unless every vllm.endpoints[] runs LMCache "
                 "blending (lmcache_blend: true)")

@@ -19,7 +19,7 @@ KV is counted the same way:
 `kv_budget_tokens` adds METIS' 2% buffer against OOM; it is what must fit the free KV.
 Latency: per sequential round, prefill(sum of the round's prompts) / prefill rate +
 max output of the round / decode rate (a round's calls decode as one batch, one token per
-call per step). Rates are parameters so the controller can calibrate them from the engine.
+call per step). Rates are parameters so they can be calibrated on the engine.
 With CacheBlend a stuff call prefills only `blend_prefill_fraction` of its chunk tokens (the
 KV held is unchanged), so its estimated latency drops and an SLO admits larger stuff plans.
 """
@@ -40,8 +40,8 @@ _STUFF, _MAP_RERANK, _MAP_REDUCE, _REFINE = (Method.STUFF, Method.MAP_RERANK, Me
 @dataclass(frozen=True)
 class CostConfig:
     overhead_tokens_per_call: int = 48
-    """Chat template + instructions around the question and chunks, per call. The controller
-    should measure it: engine.prompt_tokens(call with no chunks) - question tokens."""
+    """Chat template + instructions around the question and chunks, per call. The planner
+    measures the template on the engine (metis.planner.PlannerSetup)."""
     overhead_tokens_per_chunk: int = 8
     """Passage header ("[n] title") and separator around each chunk or summary in a prompt;
     set 0 when the chunk token counts passed in already include it."""

@@ -2,7 +2,7 @@
 (most expensive) plan, ask the profiler which profile it should have given, and keep the
 last few answers as few-shot examples in the profiler's prompt.
 
-Who owns what: this module is pure bookkeeping and prompt building. The controller runs
+Who owns what: this module is pure bookkeeping and prompt building. MetisPlanner runs
 the golden plan in the background (through the scheduler, like any query), runs the
 review call on the profiler's engine, and hands the result back:
 
@@ -74,9 +74,6 @@ class FeedbackLoop:
         logger.info("feedback example kept: %s (%d of %d)", profile, len(self._examples),
                     self._examples.maxlen)
         return example
-
-    def add_example(self, example: FeedbackExample) -> None:
-        self._examples.append(example)
 
     @property
     def examples(self) -> tuple[FeedbackExample, ...]:

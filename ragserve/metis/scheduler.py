@@ -3,7 +3,7 @@ admits it (METIS §4.3, best-fit).
 
 Who owns what: the planner proposes candidate plans per query (a `Job`); the cost model
 prices them; this module chooses one and decides *when* the query runs. It never imports
-an engine: the controller hands it a load snapshot each step. The loop is the controller's:
+an engine: its caller (MetisPlanner) hands it a load snapshot each step. The loop is the planner's:
 
     scheduler.add(job)                        # a query arrives (may raise NoFeasiblePlan)
     for d in scheduler.schedule(engine.stats()):   # on arrival and whenever calls finish
@@ -23,7 +23,7 @@ Order: FCFS stops at the first job that cannot run, so a large job at the head i
 starved by smaller ones behind it (they wait too). SJF orders by the job's smallest
 possible cost (fallback with one chunk) and skips jobs that cannot run; it can starve
 large jobs under sustained load. Across steps the snapshot must already count the calls of
-jobs admitted earlier; if the controller cannot guarantee that, set `hold_until_release`
+jobs admitted earlier; if the caller cannot guarantee that, set `hold_until_release`
 and call `release(job_id)` once the engine has taken the job's calls.
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ class Scheduler:
 
     def take_infeasible(self) -> list[tuple[Job, NoFeasiblePlan]]:
         """Jobs dropped by `schedule` because the engine's capacity shrank below their
-        smallest run; the controller fails them. Empties the list."""
+        smallest run; the planner fails them. Empties the list."""
         out, self._infeasible = self._infeasible, []
         return out
 
@@ -195,7 +195,7 @@ class Scheduler:
     def schedule(self, stats: EngineStats, now_s: float | None = None) -> list[Admitted]:
         """Admit what fits `stats` now; returns the admitted jobs (possibly none).
 
-        Called by the controller when a query arrives and whenever engine calls finish.
+        Called by the planner when a query arrives and whenever engine calls finish.
         Jobs that cannot run even with the fallback stay waiting.
         """
         now = time.monotonic() if now_s is None else now_s

@@ -4,7 +4,6 @@ from ragserve.domain import Method, RagPlan
 from ragserve.errors import ConfigError
 from ragserve.metis.feedback import GOLDEN_PLAN, FeedbackLoop
 from ragserve.metis.llm_profiler import ProfilePromptBuilder
-from ragserve.metis.profile import FeedbackExample
 from tests.metis.factories import make_profile, make_result
 
 BUILDER = ProfilePromptBuilder("Meeting transcripts (QMSum)", chunk_tokens=256)
@@ -55,7 +54,8 @@ def test_keeps_the_last_4_valid_examples_oldest_first():
 
 def test_examples_feed_the_profiler_prompt():
     loop = FeedbackLoop()
-    loop.add_example(FeedbackExample("earlier question", make_profile(pieces=5)))
+    review = '{"complexity": "low", "joint_reasoning": true, "pieces": 5, "summary_range": [30, 60]}'
+    assert loop.add_result("earlier question", make_result(review)) is not None
     call = BUILDER.build("new question", loop.examples)
     assert call.messages[1] == ("user", BUILDER.user_turn("earlier question"))
     assert '"pieces": 5' in call.messages[2][1]

@@ -65,11 +65,11 @@ class LocalEngine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads(), dtype_override())
         self._store: KVStore | None = None   # chunk KV (+ steering scores), made on first use
-        # -- LLMSteer (issue 9): made on the first steered call (any call may ask for it) --
+        # -- LLMSteer: made on the first steered call (any call may ask for it) --
         self.steer_config = steer or SteerConfig()
         self.steer_config.layer_indices(self.runner.model.config.num_hidden_layers)   # fail fast
         self._steerer: "Steerer | None" = None
-        # -- CacheBlend (issue 4) --------------------------------------------------------
+        # -- CacheBlend -------------------------------------------------------------------
         self.blend_config = blend or BlendConfig()
         self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
                                "prefill_token_equiv": 0.0, "fallbacks": 0}
@@ -220,7 +220,7 @@ class LocalEngine:
             self._running.extend(rows)
         self._emit(rows, logits)
 
-    # -- CacheBlend (issue 4) -----------------------------------------------------------
+    # -- CacheBlend ---------------------------------------------------------------------
     def _kv_store(self) -> KVStore:
         """The chunk KV store (disk tier under <data dir>/kv), shared by blending and steering."""
         if self._store is None:
@@ -258,7 +258,7 @@ class LocalEngine:
             return None
         return segments
 
-    # -- LLMSteer (issue 9) ----------------------------------------------------------------
+    # -- LLMSteer -------------------------------------------------------------------------
     @property
     def steer_counters(self) -> dict[str, float]:
         return self._steerer.counters.as_dict() if self._steerer is not None else {}

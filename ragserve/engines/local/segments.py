@@ -22,7 +22,7 @@ The prompt is tokenized as one text, so its ids equal a normal prefill's; segmen
 at token boundaries (a token merged across a cut is recomputed). A chunk's ids are thus
 those it has inside a prompt; with the cut points below they do not depend on the chunk's
 position, so a one-chunk prompt yields the ids to precompute at ingest.
-Torch-free: the cost model may import it.
+Torch-free.
 """
 from __future__ import annotations
 
@@ -168,19 +168,4 @@ def segment_call(tokenizer: Any, call: LLMCall,
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pieces = answer_pieces(rendered, call.messages[-1][1], len(call.chunk_ids))
     return None if pieces is None else from_pieces(tokenizer, pieces, chunk_context)
-
-
-def blended_compute_tokens(num_tokens: int, num_reused: int, ratio: float, num_layers: int,
-                           first_check_layer: int = 1) -> float:
-    """Prefill work of a blended prompt in full-prefill token equivalents (for a cost model).
-
-    Layers before the check layer run every token; later layers run the fresh tokens plus
-    `ratio` of the reused ones. Attention over the whole context is ignored (linear layers
-    dominate at RAG lengths on small models).
-    """
-    if num_layers <= 0:
-        return float(num_tokens)
-    full = min(first_check_layer, num_layers)
-    partial = (num_tokens - num_reused) + ratio * num_reused
-    return (full * num_tokens + (num_layers - full) * partial) / num_layers
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-DEFAULT_BLEND_SPECIAL_STR = " # # "
-
 _QUESTION_HEAD = "\n\nQuestion: "   # where every passage layout's context ends (ragserve.prompts)
 _PASSAGE_SEPARATOR = "\n\n"          # between passages (synthesis._context)
 
