@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
@@ -41,6 +41,17 @@ class Decision:
     job_id: str = ""                # the planner's handle, released by `done`
 
 
+@dataclass(frozen=True)
+class PlannerStats:
+    """What a planner reports about itself (server /stats and /metrics, eval, the explorer)."""
+
+    num_waiting: int = 0                 # queries waiting for free KV
+    held_tokens: int = 0                 # KV reserved for admitted queries still running
+    kv_free_tokens: int | None = None    # free KV as the planner plans with it; None = the engine's
+    plans: dict[str, int] = field(default_factory=dict)     # plans chosen, by method
+    reasons: dict[str, int] = field(default_factory=dict)   # plans chosen, by reason
+
+
 class QueryPlanner(Protocol):
     """Chooses a plan for a query whose plan the user did not fix (METIS: ragserve.metis.planner)."""
 
@@ -53,6 +64,10 @@ class QueryPlanner(Protocol):
 
     def done(self, decision: Decision) -> None:
         """The query finished (or failed): release what `decide` reserved."""
+        ...
+
+    def stats(self) -> PlannerStats:
+        """A current snapshot; cheap."""
         ...
 
 
@@ -92,7 +107,7 @@ async def drive_program(engine: Engine, program: Program, stream_batch: int | No
         index = 0
         while True:
             batch_start = time.perf_counter()
-            if index == stream_batch and len(calls) == 1 and hasattr(engine, "stream_result"):
+            if index == stream_batch and len(calls) == 1:
                 pieces, future = await engine.stream_result(calls[0])
                 try:
                     async with aclosing(pieces):

@@ -10,6 +10,7 @@ import pytest
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
+from ragserve.metis.planner import MetisPlanner, chunk_prompt_tokens
 from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
 from ragserve.retrieval.ingest import Retriever
 from tests.conftest import shared_embedder
@@ -38,7 +39,6 @@ class FixedProfiler:
 
 def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_engine):
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.metis.planner import MetisPlanner
 
     # ~4,500 KV tokens: two 9-chunk stuff prompts (~2k tokens each) fit at once, not eight.
     budget_mb = 4500 * smollm2_engine.model.kv_bytes_per_token / 2**20
@@ -53,7 +53,7 @@ def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_eng
 
     def counting_schedule(stats, now_s=None):
         decisions = schedule(stats, now_s)
-        left_waiting.append(planner.scheduler.num_waiting)
+        left_waiting.append(planner.stats().num_waiting)
         return decisions
 
     planner.scheduler.schedule = counting_schedule
@@ -65,7 +65,7 @@ def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_eng
         """KV budget of stuff over n+1 chunks of this query's own ranking (best fit's next step)."""
         col = controller.retriever.collection(small_squad)
         hits, _ = controller.retriever.retrieve(col, question, n + 1)
-        counts = planner._token_counts(col, hits)
+        counts = chunk_prompt_tokens(engine, col, hits, planner.cost.config.overhead_tokens_per_chunk)
         return planner.cost.estimate(RagPlan(Method.STUFF, n + 1), counts,
                                      engine.count_tokens(question)).kv_budget_tokens
 
@@ -94,5 +94,4 @@ def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_eng
     # Every decision fit the free KV it saw.
     for r in results:
         assert r.decision["cost"]["kv_budget_tokens"] <= r.decision["kv_free_tokens"]
-    counters = planner.scheduler.counters()
-    assert sum(counters["plans"].values()) == len(QUESTIONS)
+    assert sum(planner.stats().plans.values()) == len(QUESTIONS)

@@ -271,7 +271,7 @@ class InProcessBackend:
         ctl = self.controller(next(iter(self._controllers)))
         s = ctl.engine.stats()
         planner = getattr(ctl, "planner", None)
-        waiting = planner.scheduler.num_waiting if planner is not None else 0
+        waiting = planner.stats().num_waiting if planner is not None else 0
         return LoadSample(t=time.time(), kv_used_tokens=s.kv_used_tokens, kv_capacity_tokens=s.kv_capacity_tokens,
                           num_running=s.num_running, num_waiting=s.num_waiting, sched_waiting=waiting)
 

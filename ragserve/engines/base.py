@@ -6,6 +6,7 @@ vLLM client (`engines/vllm`) both implement this.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
 
 from ragserve.domain import EngineStats, LLMCall, LLMResult, ModelSpec
@@ -25,6 +26,11 @@ class Engine(Protocol):
 
     def stream(self, call: LLMCall) -> AsyncIterator[str]:
         """Yield the text of one call piece by piece as tokens are decoded."""
+        ...
+
+    async def stream_result(self, call: LLMCall) -> tuple[AsyncIterator[str], asyncio.Future]:
+        """Start one call; returns its text pieces as they decode and the future of its final
+        `LLMResult` (which re-raises a failure). Cancelling the future stops the call."""
         ...
 
     def stats(self) -> EngineStats:

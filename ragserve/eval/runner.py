@@ -31,6 +31,7 @@ from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_
                                     load_questions, query_filters, score)
 from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
 from ragserve.eval.workload import Workload, make_workload
+from ragserve.metis.planner import MetisPlanner
 from ragserve.metis.rules import PlannerRules
 
 logger = logging.getLogger(__name__)
@@ -245,8 +246,9 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 finally:
                     if planner is not None:
                         await planner.close()
-                if hasattr(planner, "scheduler"):
-                    run.extra["scheduler"] = planner.scheduler.counters()
+                if isinstance(planner, MetisPlanner):
+                    p = planner.stats()
+                    run.extra["scheduler"] = {"plans": p.plans, "reasons": p.reasons}
                 if blend and hasattr(rt.engine, "blend_counters"):
                     run.extra["blend"] = dict(rt.engine.blend_counters)
                 checkpoint.save_system(settings.out, _system_key(keys.of(system), workload), system.name, run.rows,

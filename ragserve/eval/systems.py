@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ragserve.config import Config
-from ragserve.controller import Decision
+from ragserve.controller import Decision, PlannerStats
 from ragserve.domain import Method, RagPlan, RetrievedChunk
 from ragserve.errors import BadInput
 from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
-from ragserve.metis.planner import MetisPlanner, PlannerSetup, chunk_prompt_tokens, llm_profiler_engine, profile_builder
+from ragserve.metis.planner import (MetisPlanner, PlannerSetup, llm_profiler_engine, profile_builder,
+                                    prompt_token_counts)
 from ragserve.metis.profile import LearnedProfiler
 from ragserve.metis.rules import prune
 
@@ -147,8 +148,9 @@ class AdaptivePlanner:
             profile = await run_llm_profiler(self.profiler, self._builder(collection), question, SEED_EXAMPLES)
         profile_s = time.perf_counter() - t0
         plans = prune(profile, self.rules, len(hits))
-        counts = chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
-        costs = self.cost.estimate_many(plans, counts, self.engine.count_tokens(question))
+        counts, question_tokens = await prompt_token_counts(self.engine, collection, hits, question,
+                                                            self.cost.config.overhead_tokens_per_chunk)
+        costs = self.cost.estimate_many(plans, counts, question_tokens)
         runnable = [(c.kv_budget_tokens, i) for i, c in enumerate(costs)
                     if c.max_call_tokens <= self.max_call_tokens and c.kv_tokens <= self.max_call_tokens]
         if runnable:
@@ -163,6 +165,9 @@ class AdaptivePlanner:
 
     def done(self, decision: Decision) -> None:
         """Nothing was reserved."""
+
+    def stats(self) -> PlannerStats:
+        return PlannerStats()   # nothing waits here: the engine queues what does not fit
 
     async def close(self) -> None:
         if self.profiler is not self.engine:

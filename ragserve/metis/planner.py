@@ -18,7 +18,7 @@ from typing import Any
 
 from ragserve import prompts
 from ragserve.config import Config
-from ragserve.controller import Decision, run_program
+from ragserve.controller import Decision, PlannerStats, run_program
 from ragserve.domain import EngineStats, LLMCall, RetrievedChunk
 from ragserve.engines.base import Engine
 from ragserve.metis.cost import CostConfig, CostModel
@@ -114,8 +114,8 @@ class MetisPlanner:
         profile_s = time.perf_counter() - t0
         planner = self._planners.setdefault(collection.name, PlanPruner(self.rules))
         space = planner.plan(profile, len(hits))
-        counts = self._token_counts(collection, hits)
-        job = Job.from_space(f"q{next(self._ids)}", space, counts, self.engine.count_tokens(question), slo_s=slo_s)
+        counts, question_tokens = await self._token_counts(collection, hits, question)
+        job = Job.from_space(f"q{next(self._ids)}", space, counts, question_tokens, slo_s=slo_s)
         decision = await self._admit(job)
         if self.feedback.record_query():
             self._spawn(self._golden_run(question, collection, hits, profile))
@@ -139,14 +139,22 @@ class MetisPlanner:
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
         return profile_builder(self._builders, self.config, collection)
 
-    def _token_counts(self, collection: Any, hits: list[RetrievedChunk]) -> list[int]:
-        return chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
+    async def _token_counts(self, collection: Any, hits: list[RetrievedChunk], question: str
+                            ) -> tuple[list[int], int]:
+        return await prompt_token_counts(self.engine, collection, hits, question,
+                                         self.cost.config.overhead_tokens_per_chunk)
 
     def effective_stats(self) -> EngineStats:
         stats = self.engine.stats()
         held = self.scheduler.held_tokens
         # Scheduler frees = (capacity - used') - held; used' makes that capacity - max(used, held).
         return replace(stats, kv_used_tokens=max(0, stats.kv_used_tokens - held))
+
+    def stats(self) -> PlannerStats:
+        counters = self.scheduler.counters()
+        return PlannerStats(num_waiting=self.scheduler.num_waiting, held_tokens=self.scheduler.held_tokens,
+                            kv_free_tokens=self.effective_stats().kv_free_tokens, plans=counters["plans"],
+                            reasons=counters["reasons"])
 
     async def _admit(self, job: Job):
         future = asyncio.get_running_loop().create_future()
@@ -194,8 +202,9 @@ class MetisPlanner:
                           used: QueryProfile) -> None:
         """Answer with the most expensive plan, then ask the profiler what it should have said."""
         golden = self.feedback.golden_plan(len(hits))
-        job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(self._token_counts(collection, hits)),
-                  self.engine.count_tokens(question), arrival_s=time.monotonic())
+        counts, question_tokens = await self._token_counts(collection, hits, question)
+        job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(counts), question_tokens,
+                  arrival_s=time.monotonic())
         try:
             decision = await self._admit(job)
             try:
@@ -244,6 +253,16 @@ def chunk_prompt_tokens(engine: Any, collection: Any, hits: list[RetrievedChunk]
         text = h.chunk.num_tokens if same_tokenizer else engine.count_tokens(h.chunk.text)
         out.append(text + max(0, headers[title] - header_allowance))
     return out
+
+
+async def prompt_token_counts(engine: Any, collection: Any, hits: list[RetrievedChunk], question: str,
+                              header_allowance: int) -> tuple[list[int], int]:
+    """`chunk_prompt_tokens` and the question's tokens, counted in a worker thread: token
+    counts are synchronous, and a vLLM engine counts over HTTP (/tokenize)."""
+    def count() -> tuple[list[int], int]:
+        return (chunk_prompt_tokens(engine, collection, hits, header_allowance), engine.count_tokens(question))
+
+    return await asyncio.to_thread(count)
 
 
 def profile_builder(cache: dict[str, ProfilePromptBuilder], config: Config, collection: Any

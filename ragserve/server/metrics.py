@@ -68,14 +68,15 @@ class ServerMetrics:
         """The exposition text, with gauges refreshed from the live objects."""
         self.queue_depth.set(in_flight)
         self.max_queue.set(limit)
-        if planner is not None:
-            self.scheduler_waiting.set(planner.scheduler.num_waiting)
+        planned = planner.stats() if planner is not None else None
+        if planned is not None:
+            self.scheduler_waiting.set(planned.num_waiting)
         if engine is not None:
             stats = engine.stats()
             self.engine_running.set(stats.num_running)
             self.engine_waiting.set(stats.num_waiting)
             self.kv_capacity.set(stats.kv_capacity_tokens)
-            # METIS reserves a query's KV from admission on: free = capacity - max(used, reserved)
-            free = planner.effective_stats() if planner is not None else stats
-            self.kv_free.set(free.kv_free_tokens)
+            # METIS reserves a query's KV from admission on: its free KV is capacity - max(used, reserved)
+            free = planned.kv_free_tokens if planned is not None else None
+            self.kv_free.set(stats.kv_free_tokens if free is None else free)
         return generate_latest(self.registry)

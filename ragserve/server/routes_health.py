@@ -75,8 +75,8 @@ def stats_snapshot(state: ServerState) -> dict[str, Any]:
                          "kv_free_tokens": s.kv_free_tokens, "num_running": s.num_running,
                          "num_waiting": s.num_waiting}
         if rt.planner is not None:
-            out["scheduler"] = {"num_waiting": rt.planner.scheduler.num_waiting,
-                                "held_tokens": rt.planner.scheduler.held_tokens,
-                                **rt.planner.scheduler.counters()}
+            p = rt.planner.stats()
+            out["scheduler"] = {"num_waiting": p.num_waiting, "held_tokens": p.held_tokens,
+                                "plans": p.plans, "reasons": p.reasons}
     out["cancelled"] = dict(state.metrics.num_cancelled)
     return out

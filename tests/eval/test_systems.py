@@ -186,3 +186,45 @@ def test_adaptive_and_metis_share_one_setup():
     assert adaptive.cost.model.max_context == 2048 and adaptive.max_chunks_needed == metis.max_chunks_needed == 30
     # FakeEngine.prompt_tokens of the two-turn probe is 30: 28 template tokens + the instructions
     assert metis.cost.config.overhead_tokens_per_call == 28 + INSTRUCTION_TOKENS
+
+
+class ThreadRecordingEngine(FakeEngine):
+    """Records the thread of every token count: a vLLM engine counts over HTTP, synchronously."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__(free)
+        self.count_threads: set[str] = set()
+
+    def count_tokens(self, text: str) -> int:
+        import threading
+
+        self.count_threads.add(threading.current_thread().name)
+        return super().count_tokens(text)
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "metis"])
+def test_planners_count_tokens_off_the_event_loop_and_report_their_stats(kind):
+    import threading
+
+    from ragserve.eval.systems import make_planner
+
+    engine = ThreadRecordingEngine(20_000)
+    low = QueryProfile(Complexity.LOW, True, 2, (30, 60), confidence=1.0, source=ProfileSource.LEARNED)
+    planner = make_planner(parse_systems(kind)[0], engine, Config(metis=MetisConfig(feedback_every=0)),
+                           learned=Profile(low))
+
+    async def run():
+        decision = await planner.decide("Who?", COLLECTION, hits(5))
+        during = planner.stats()
+        planner.done(decision)
+        await planner.close()
+        return decision, during, planner.stats()
+
+    decision, during, after = asyncio.run(run())
+    assert engine.count_threads and threading.main_thread().name not in engine.count_threads
+    if kind == "metis":
+        assert during.held_tokens == decision.details["cost"]["kv_budget_tokens"] and after.held_tokens == 0
+        assert after.plans == {"stuff": 1} and after.reasons == {"fit": 1} and after.num_waiting == 0
+        assert after.kv_free_tokens == 20_000
+    else:
+        assert after.num_waiting == 0 and after.kv_free_tokens is None
