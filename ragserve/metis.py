@@ -87,6 +87,7 @@ class MetisPlanner:
         planner = self._planners.setdefault(collection.name, Planner(self.rules))
         space = planner.plan(profile, len(hits))
         counts = self._token_counts(collection, hits)
+        self.retime()
         job = Job.from_space(f"q{next(self._ids)}", space, counts, self.engine.count_tokens(question), slo_s=slo_s)
         decision = await self._admit(job)
         if self.feedback.record_query():
@@ -113,6 +114,13 @@ class MetisPlanner:
 
     def _token_counts(self, collection: Any, hits: list[RetrievedChunk]) -> list[int]:
         return chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
+
+    def retime(self) -> EngineStats:
+        """Price the next job's candidates at the engine's measured speed and running batch
+        now; returns the snapshot used."""
+        stats = self.engine.stats()
+        self.scheduler.cost_model = self.cost.timed(stats.speeds, stats.num_running)
+        return stats
 
     def effective_stats(self) -> EngineStats:
         stats = self.engine.stats()

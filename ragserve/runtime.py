@@ -50,8 +50,8 @@ class Runtime:
 
 
 def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
-    """Engine + retriever + controller. With `metis`, queries without a plan are planned by
-    METIS; without, they run DEFAULT_PLAN."""
+    """Engine + retriever + controller. With `metis`, queries without a plan are planned (the
+    tuned controller, or METIS per `tuned.planner`); without, they run DEFAULT_PLAN."""
     from ragserve.metis import MetisPlanner
 
     if config.engine.backend == "vllm":
@@ -75,6 +75,12 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
         from ragserve.engines.vllm.endpoint import EndpointGenerator
 
         profiler = EndpointGenerator(config.metis.profiler_endpoint, config.vllm)
-    planner = MetisPlanner(engine, config, learned=learned, profiler=profiler) if metis else None
+    planner = None
+    if metis and config.tuned.planner == "metis":
+        planner = MetisPlanner(engine, config, learned=learned, profiler=profiler)
+    elif metis:   # tuned where a collection has a quality model, METIS' rules elsewhere
+        from ragserve.tuned import TunedPlanner
+
+        planner = TunedPlanner(engine, config, learned=learned, profiler=profiler)
     controller = Controller(engine, retriever, config, planner=planner, default_plan=DEFAULT_PLAN)
     return Runtime(config, controller, engine, retriever, planner)
