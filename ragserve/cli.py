@@ -64,13 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="replay a Poisson workload of a dataset against fixed/adaptive/metis systems")
     _eval_common(e)
     e.add_argument("--systems", default="fixed,adaptive,metis",
-                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend")
+                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend, tuned")
     e.add_argument("--grid", help="fixed plans, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default map_rerank:4,stuff:2,stuff:6,map_reduce:4:32)")
     e.add_argument("--rate", default="auto",
                    help="arrivals per second (Poisson), inf (all at once) or auto (1.5x the measured "
                         "one-at-a-time service rate of stuff:4; default)")
     e.add_argument("--learned", help="learned profiler directory for adaptive/metis (default: the LLM profiler)")
+    e.add_argument("--quality", action="append", default=[],
+                   help="tuned: tuning sweep dir(s) of this dataset to cross-fit the quality model on "
+                        "(repeatable); queries in the sweep are planned by a fold model that never saw them")
     e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
     e.add_argument("--no-resume", action="store_true",
                    help="run every system again; by default systems finished earlier under --out "
@@ -88,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--server-url", help="ragserve server the explorer queries (default http://127.0.0.1:8000)")
 
     t = sub.add_parser("tune", help="offline plan sweep (tune) or fit the learned profiler (tune train-profiler DIR)")
-    t.add_argument("action", nargs="?", choices=["sweep", "train-profiler"], default="sweep")
-    t.add_argument("profiles", nargs="*", help="train-profiler: tuning profile dir(s), e.g. profiles/qwen/squad")
+    t.add_argument("action", nargs="?", choices=["sweep", "train-profiler", "train-quality"], default="sweep")
+    t.add_argument("profiles", nargs="*", help="train-profiler / train-quality: tuning profile dir(s), "
+                                              "e.g. profiles/qwen/squad")
     _eval_common(t, required=False)
     t.add_argument("--grid", help="plans to sweep, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
@@ -267,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             rate=rate, out=Path(args.out), seed=args.seed, corpus_limit=args.corpus_limit,
                             doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
                             progress=not args.no_progress, command=_command_line(args), grid=grid,
-                            resume=not args.no_resume)
+                            resume=not args.no_resume, quality=tuple(args.quality))
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1
@@ -276,6 +280,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from ragserve.errors import BadInput
 
+    if args.action == "train-quality":
+        from ragserve.eval.quality_training import train_quality
+
+        if not args.profiles:
+            raise BadInput("train-quality needs tuning profile dir(s), e.g. ragserve tune train-quality "
+                           "profiles/qwen/squad")
+        target = args.out or str(Path(args.profiles[0]) / "quality")
+        report = train_quality(args.profiles, target, datasets_root=args.datasets_dir,
+                               progress=not args.no_progress)
+        print(f"quality model saved to {target} ({report['num_queries']} queries; cross-fitted selection:)")
+        print(json.dumps(report, indent=2))
+        return 0
     if args.action == "train-profiler":
         from ragserve.eval.learned import train_profiler
 

@@ -177,3 +177,47 @@ def selection_report(data: TrainingData, pred: np.ndarray, time_values: Sequence
             "oracle": {"quality": float(data.y[oracle].mean()), "mean_s": float(data.latency_s[oracle].mean())},
             "rank_correlation_mean": float(np.nanmean(rho)) if rho else None,
             "mae": float(np.abs(pred - data.y).mean())}
+
+
+class CrossFitModel:
+    """Plans every query with a model that never saw it: a sweep's queries by the fold model
+    trained without their fold, any other question by the model trained on the whole sweep.
+    What `ragserve eval --quality DIR` plans with, so a dataset with too few questions to hold
+    some out (financebench: 100) is still evaluated honestly."""
+
+    def __init__(self, profile_dirs: Sequence[str | Path], k: int = 5, seed: int = 0, **retrieval_kw: Any) -> None:
+        from ragserve.eval.tuning import read_profile
+
+        data = training_data(profile_dirs, **retrieval_kw)
+        num_groups = int(data.groups.max()) + 1
+        order = np.random.default_rng(seed).permutation(num_groups)
+        fold_of = np.empty(num_groups, dtype=int)
+        fold_of[order] = np.arange(num_groups) % k
+        self.full = fit(data.x, data.y, seed)
+        self.folds = [fit(data.x[fold_of[data.groups] != f], data.y[fold_of[data.groups] != f], seed)
+                      for f in range(k)]
+        self._fold_of_question: dict[str, int] = {}
+        for d in profile_dirs:
+            meta, records = read_profile(d)
+            for r in records:
+                g = data.query_ids.index(f"{meta.dataset}:{r.query_id}") if f"{meta.dataset}:{r.query_id}" in data.query_ids else None
+                if g is not None:
+                    self._fold_of_question[r.question.strip()] = int(fold_of[g])
+        self.meta = {"grid": [str(p) for p in data.grid], "cross_fit_folds": k,
+                     "num_queries": len(data.query_ids)}
+        self.num_in_sweep = 0   # questions planned by a fold model (reported)
+
+    @property
+    def grid(self) -> tuple[RagPlan, ...]:
+        return QualityModel(None, self.meta).grid
+
+    def predict(self, question: str, hits: Any, plans: Sequence[RagPlan]) -> list[float]:
+        from ragserve.quality import retrieval_summary
+
+        if not plans:
+            return []
+        fold = self._fold_of_question.get(question.strip())
+        est = self.full if fold is None else self.folds[fold]
+        self.num_in_sweep += fold is not None
+        out = est.predict(feature_rows(question, retrieval_summary(hits), plans))
+        return [min(1.0, max(0.0, float(v))) for v in out]

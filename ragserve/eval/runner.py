@@ -58,6 +58,7 @@ class EvalSettings:
     command: str = ""                  # the exact command line, for the report
     grid: tuple[RagPlan, ...] = ()     # the fixed grid the `fixed` systems came from (report only)
     resume: bool = True                # reuse systems already finished under `out` (eval/checkpoint.py)
+    quality: tuple[str, ...] = ()      # sweep dirs the tuned system's quality model is cross-fitted on
 
 
 @dataclass
@@ -220,6 +221,11 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
             continue
         try:
             learned = _load_learned(cfg, rt.retriever.embedder)
+            quality = None
+            if settings.quality and any(s.kind == "tuned" for s in runnable):
+                from ragserve.eval.quality_training import CrossFitModel
+
+                quality = {collection: CrossFitModel(settings.quality, datasets_root=settings.datasets_root)}
             plain = Controller(rt.engine, rt.retriever, cfg, default_plan=CALIBRATION_PLAN)
             for item in workload.items[: max(0, settings.warmup)]:   # untimed: one-off costs
                 q = item.question
@@ -237,7 +243,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 if system.name in saved:
                     runs.append(saved[system.name])
                     continue
-                planner = make_planner(system, rt.engine, cfg, learned)
+                planner = make_planner(system, rt.engine, cfg, learned, quality)
                 controller = Controller(rt.engine, rt.retriever, cfg, planner=planner)
                 try:
                     run = await run_system(controller, system, workload, collection, spec,
@@ -286,15 +292,16 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
     ingest_s = time.perf_counter() - t0
     config = apply_dataset_settings(config, spec, corpus.collection)
-    def key(cfg: Config) -> str:
+    def key(cfg: Config, quality: tuple[str, ...] = ()) -> str:
+        extra = {"quality": list(quality)} if quality else {}   # keys saved before it stay valid
         return checkpoint.workload_key({
-            "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
+            **extra, "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
             "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
             "queries": [(i.question["id"], i.arrival_s) for i in workload.items]})
 
     # Fixed plans and the calibration never profile: their key leaves the learned profiler out,
     # so a run that adds one reuses the fixed systems saved by the same workload without it.
-    keys = _Keys(profiled=key(config),
+    keys = _Keys(profiled=key(config, settings.quality),
                  plain=key(replace(config, metis=replace(config.metis, learned_profiler=None))))
     runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection, keys))
     meta = {

@@ -6,6 +6,9 @@
                   for quality only: it never looks at the engine's load (`AdaptivePlanner`)
     metis         the controller's METIS planner (profile -> prune -> best fit under free KV)
     metis+blend   metis on an engine that reuses chunk KV (CacheBlend, `blend.enabled`)
+    tuned         the tuned controller (ragserve/tuned.py): predicted quality per plan from a
+                  quality model (`--quality SWEEP_DIR`, cross-fitted so no query is planned by
+                  a model that saw it) against measured service time and load
 
 A fixed system has no planner (the plan is passed with each query); the others implement
 the controller's `Planner` protocol. Systems are only descriptions here; the runner builds
@@ -28,7 +31,7 @@ from ragserve.profiler import SEED_EXAMPLES, LearnedProfiler, ProfilePromptBuild
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("fixed", "adaptive", "metis", "metis+blend")
+KINDS = ("fixed", "adaptive", "metis", "metis+blend", "tuned")
 
 # The fixed grid of `fixed`: one plan per method at a small and a larger size, sized for
 # CPU engines: map_reduce with long summaries costs minutes per query on a CPU under load,
@@ -80,7 +83,7 @@ def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> li
             out.append(System(item, item))
         else:
             raise BadInput(f"unknown system {item!r}; choose from fixed, fixed:<plan>, adaptive, "
-                           "metis, metis+blend")
+                           "metis, metis+blend, tuned")
     names = [s.name for s in out]
     if not out or len(set(names)) != len(names):
         raise BadInput(f"systems {text!r} must name at least one system, each once")
@@ -109,10 +112,18 @@ def system_config(system: System, config: Config) -> Config:
 
 
 def make_planner(system: System, engine: Any, config: Config,
-                 learned: LearnedProfiler | None = None) -> Any:
-    """The controller planner of `system` (None for a fixed plan)."""
+                 learned: LearnedProfiler | None = None, quality: dict[str, Any] | None = None) -> Any:
+    """The controller planner of `system` (None for a fixed plan); `quality`: quality models by
+    collection for `tuned`."""
     if system.kind == "fixed":
         return None
+    if system.kind == "tuned":
+        from ragserve.tuned import TunedPlanner
+
+        if not quality:
+            raise BadInput("system tuned needs a quality model: pass --quality SWEEP_DIR (a ragserve tune "
+                           "profile of this dataset and model)")
+        return TunedPlanner(engine, config, models=quality, learned=learned)
     if system.kind == "adaptive":
         return AdaptivePlanner(engine, config, learned)
     from ragserve.metis import MetisPlanner
