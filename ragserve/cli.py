@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quality", action="append", default=[],
                    help="tuned: tuning sweep dir(s) of this dataset to cross-fit the quality model on "
                         "(repeatable); queries in the sweep are planned by a fold model that never saw them")
+    e.add_argument("--questions-from", help="evaluate exactly the questions of this tuning sweep dir (the "
+                                            "simulator's validation: same queries as its records)")
     e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
     e.add_argument("--no-resume", action="store_true",
                    help="run every system again; by default systems finished earlier under --out "
@@ -97,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     _eval_common(t, required=False)
     t.add_argument("--grid", help="plans to sweep, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
+    t.add_argument("--collection", help="tune a collection of your own (no gold answers): label each plan by "
+                                        "agreement with the golden plan's answer; needs --questions")
+    t.add_argument("--questions", help="with --collection: questions, one per line (or JSONL with \"question\")")
+    t.add_argument("--concurrency", type=int, default=4, help="(query, plan) cells run at once (default 4)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
     return p
@@ -271,10 +277,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             rate=rate, out=Path(args.out), seed=args.seed, corpus_limit=args.corpus_limit,
                             doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
                             progress=not args.no_progress, command=_command_line(args), grid=grid,
-                            resume=not args.no_resume, quality=tuple(args.quality))
+                            resume=not args.no_resume, quality=tuple(args.quality),
+                            question_ids=_sweep_ids(args.questions_from))
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1
+
+
+def _sweep_ids(profile_dir: str | None) -> tuple[str, ...]:
+    if not profile_dir:
+        return ()
+    from ragserve.eval.tuning import read_meta
+
+    return tuple(read_meta(profile_dir).query_ids)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -308,6 +323,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.profiles:
         raise BadInput(f"unexpected arguments {args.profiles}; did you mean: ragserve tune train-profiler DIR")
+    if args.collection or args.questions:
+        return _tune_collection(args)
     if not args.dataset:
         raise BadInput("tune needs --dataset (squad | 2wikimultihopqa | qmsum | financebench)")
     config = _eval_config(args)
@@ -319,6 +336,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             command=_command_line(args), holdout=args.holdout)
     run_tune(settings, config)
     print((out / "summary.md").read_text())
+    return 0
+
+
+def _tune_collection(args: argparse.Namespace) -> int:
+    from ragserve.errors import BadInput
+    from ragserve.eval.golden import GOLDEN_GRID, run_collection_tune
+    from ragserve.eval.systems import parse_grid
+    from ragserve.retrieval.store import Collection
+    from ragserve.tuned import QUALITY_DIR
+
+    if not (args.collection and args.questions):
+        raise BadInput("tuning a collection needs both --collection NAME and --questions FILE")
+    if args.dataset:
+        raise BadInput("--dataset and --collection are exclusive: a dataset sweep scores against gold answers")
+    col = Collection.open(args.collection)
+    grid = parse_grid(args.grid) if args.grid else GOLDEN_GRID
+    out = Path(args.out) if args.out else col.path / "tune"
+    report = run_collection_tune(args.collection, args.questions, grid, out, col.path / QUALITY_DIR,
+                                 _eval_config(args), concurrency=args.concurrency)
+    print(f"tuned {args.collection}: {report['records']} records in {out}; quality model in {report['model_dir']} "
+          "(ragserve query/serve now plan this collection with it)")
+    print(json.dumps(report["quality"], indent=2))
     return 0
 
 

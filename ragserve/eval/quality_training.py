@@ -47,7 +47,7 @@ def retrieval_summaries(profile_dir: str | Path, config: Any = None, datasets_ro
         if r.retrieval and r.query_id not in out:
             out[r.query_id] = r.retrieval
     missing = [qid for qid in meta.query_ids if qid not in out]
-    if missing:
+    if missing and not meta.dataset.startswith("collection:"):   # a user collection's records carry theirs
         out.update(_retrieve(meta, missing, cache, config, datasets_root, progress))
     return out
 

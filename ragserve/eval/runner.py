@@ -31,7 +31,7 @@ from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_
                                     load_questions, query_filters, score)
 from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
 from ragserve.eval.workload import Workload, make_workload
-from ragserve.errors import RagServeError
+from ragserve.errors import BadInput, RagServeError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class EvalSettings:
     grid: tuple[RagPlan, ...] = ()     # the fixed grid the `fixed` systems came from (report only)
     resume: bool = True                # reuse systems already finished under `out` (eval/checkpoint.py)
     quality: tuple[str, ...] = ()      # sweep dirs the tuned system's quality model is cross-fitted on
+    question_ids: tuple[str, ...] = () # exactly these questions (e.g. a sweep's, to validate the simulator)
 
 
 @dataclass
@@ -253,6 +254,9 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                         await planner.close()
                 if hasattr(planner, "scheduler"):
                     run.extra["scheduler"] = planner.scheduler.counters()
+                speeds = rt.engine.stats().speeds
+                if speeds is not None:   # this machine's measured speed, for the simulator
+                    run.extra["engine_speeds"] = speeds.to_dict()
                 if blend and hasattr(rt.engine, "blend_counters"):
                     run.extra["blend"] = dict(rt.engine.blend_counters)
                 checkpoint.save_system(settings.out, _system_key(keys.of(system), workload), system.name, run.rows,
@@ -268,6 +272,12 @@ def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) 
     """The seeded sample; any of `exclude_ids` (a learned profiler's training queries) it draws
     is replaced by a further seeded draw (`sample_questions`)."""
     rows = load_questions(settings.dataset, settings.datasets_root)
+    if settings.question_ids:
+        by_id = {r["id"]: r for r in rows}
+        unknown = [i for i in settings.question_ids if i not in by_id]
+        if unknown:
+            raise BadInput(f"{len(unknown)} question id(s) are not in {settings.dataset}, e.g. {unknown[0]!r}")
+        rows = [by_id[i] for i in settings.question_ids]
     left = sum(1 for r in rows if r["id"] not in exclude_ids)
     if left < settings.num:
         logger.warning("%s: only %d questions left after excluding %d training queries (asked for %d)",

@@ -269,3 +269,46 @@ def summarize(rows: Sequence[SimRow], slo_s: float | None = None) -> dict[str, A
         out["slo_attainment"] = len(ok) / n
         out["goodput_qps"] = len(ok) / span if span > 0 else 0.0
     return out
+
+
+# ---------------------------------------------------------------------------- from sweeps
+
+def fit_speeds(records: Sequence[Any]) -> EngineSpeeds:
+    """Engine speeds that explain a sweep's idle latencies: least squares of each single-call
+    record's latency on (prompt tokens, output tokens) -> 1/prefill rate, step seconds. The
+    sweep ran one query at a time, so its calls decoded alone (batch 1); the batch slope is
+    the embedded engine's typical CPU ratio (10% of a step per extra row)."""
+    import numpy as np
+
+    rows = [r for r in records if r.error is None and r.latency_s and r.num_calls == 1 and r.output_tokens]
+    if len(rows) < 4:
+        raise ValueError(f"need >= 4 single-call records to fit speeds, got {len(rows)}")
+    a = np.asarray([[r.prompt_tokens, r.output_tokens] for r in rows], dtype=float)
+    b = np.asarray([r.latency_s for r in rows])
+    (per_token, step), *_ = np.linalg.lstsq(a, b, rcond=None)
+    per_token, step = max(per_token, 1e-5), max(step, 1e-4)
+    tags = {"stuff": [], "map_rerank": []}
+    for r in records:
+        if r.error is None and r.plan.method.value in tags and r.num_calls:
+            tags[r.plan.method.value].append(r.output_tokens / r.num_calls)
+    outputs = {k: float(sum(v) / len(v)) for k, v in tags.items() if v}
+    return EngineSpeeds(1.0 / per_token, step, 0.1 * step, len(rows), len(rows), outputs)
+
+
+def sim_queries(records: Sequence[Any], retrieval: dict[str, dict[str, list]], predicted: dict[tuple[str, str], float],
+                header_tokens: int = 8) -> list[SimQuery]:
+    """One SimQuery per swept query that has a record for every plan of its grid."""
+    by_query: dict[str, list[Any]] = {}
+    for r in records:
+        by_query.setdefault(r.query_id, []).append(r)
+    grid = {r.plan for r in records}
+    out = []
+    for qid, recs in by_query.items():
+        if {r.plan for r in recs} != grid or qid not in retrieval:
+            continue
+        ret = retrieval[qid]
+        outcomes = {r.plan: Outcome(r.quality, r.prompt_tokens, r.output_tokens, max(1, r.num_calls)) for r in recs}
+        qtokens = max(1, round(1.3 * len(recs[0].question.split())))
+        out.append(SimQuery(qid, tuple(t + header_tokens for t in ret["tokens"]), qtokens, outcomes,
+                            {r.plan: predicted.get((qid, str(r.plan)), 0.0) for r in recs}))
+    return out

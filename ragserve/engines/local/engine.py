@@ -83,6 +83,7 @@ class LocalEngine:
         self._running: list[_Request] = []
         self._kv: BatchKV | None = None
         self._kv_used = 0
+        self._prefilling = 0   # prompt tokens admitted and being prefilled now (in no queue)
         self._cond = threading.Condition()
         self._stopped = False
         # Measured speed (stats().speeds). The prior is a 0.5B-class model on 2 CPU cores; the
@@ -106,7 +107,7 @@ class LocalEngine:
     def stats(self) -> EngineStats:
         speeds = self.speeds.speeds()
         with self._cond:
-            queued = sum(len(r.prompt) for r in self._waiting)
+            queued = self._prefilling + sum(len(r.prompt) for r in self._waiting)
             steps = max((max(0.0, speeds.expected_output(r.call.tag, r.call.max_tokens) - len(r.output))
                          for r in self._running), default=0.0)
             return EngineStats(kv_capacity_tokens=self.kv_capacity_tokens, kv_used_tokens=self._kv_used,
@@ -183,13 +184,16 @@ class LocalEngine:
                     self._fail(self._running + list(self._waiting), EngineDead("engine closed"))
                     return
                 admitted = self._admit()
+                self._prefilling = sum(len(r.prompt) for r in admitted)
             try:
                 if admitted:
                     self._prefill(admitted)
+                    self._prefilling = 0
                 if self._running:
                     self._decode()
             except Exception as exc:  # keep serving: fail only the calls in flight
                 logger.exception("engine step failed")
+                self._prefilling = 0
                 with self._cond:
                     failed, self._running, self._kv, self._kv_used = self._running, [], None, 0
                 self._fail(failed + [r for r in admitted if r not in failed], EngineDead(f"engine step failed: {exc}"))
