@@ -62,6 +62,15 @@ def run_system(queries, system, rate, settings, reps, slo_s):
     return out
 
 
+def measured_speeds(run_dir: Path) -> EngineSpeeds:
+    """The engine speeds an eval run measured (its last system's)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    for s in reversed(list(report["systems"].values())):
+        if s.get("engine_speeds"):
+            return EngineSpeeds.from_dict(s["engine_speeds"])
+    raise SystemExit(f"{run_dir}: no engine_speeds in report.json (a run from before speeds were measured)")
+
+
 def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta, records = read_profile(profile)
     retrieval = retrieval_summaries(profile)
@@ -71,6 +80,8 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
                  for g, p, v in zip(data.groups, data.plans, pred)}
     queries = sim_queries(records, retrieval, predicted)
     speeds = fit_speeds(records)
+    if args.speeds_from:
+        speeds = measured_speeds(Path(args.speeds_from))
     model = ModelSpec(meta.model, 24, 2, 64, args.dtype_bytes, 32768)
     kv_tokens = int(args.kv_budget_mb * 2**20 // model.kv_bytes_per_token)
     engines = {"cpu": (speeds, kv_tokens)}
@@ -108,19 +119,41 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
     return points, info
 
 
-def real_points(result_dirs: list[str]) -> list[dict[str, Any]]:
-    """Points from `ragserve eval` runs (their report.json), tagged with their rate factor."""
+def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points from `ragserve eval` runs, given as FACTOR=DIR (the rate factor the run used);
+    SLO = the simulated dataset's (3x the best fixed plan's unloaded mean latency)."""
     out = []
-    for d in result_dirs:
-        report = json.loads((Path(d) / "report.json").read_text())
-        meta = report.get("meta", {})
-        factor = meta.get("rate_factor")
-        for name, s in report.get("systems", {}).items():
-            out.append({"dataset": meta.get("dataset"), "engine": "cpu", "rate_factor": factor,
-                        "rate_qps": meta.get("rate_qps"), "source": "real", "system": name,
-                        "n": s.get("n"), "quality": s.get("quality"), "quality_ci95": s.get("quality_ci95"),
-                        "mean_s": s.get("mean_latency_s"), "p95_s": s.get("p95_latency_s"),
-                        "slo_attainment": s.get("slo_attainment"), "goodput_qps": s.get("goodput_qps")})
+    for spec in specs:
+        factor, _, d = spec.partition("=")
+        meta = json.loads((Path(d) / "report.json").read_text())["meta"]
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for line in (Path(d) / "rows.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows.setdefault(r["system"], []).append(r)
+        slo_s = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("slo_s")
+        ref = None
+        for name, rs in rows.items():
+            lat = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
+            span = max(r["arrival_s"] + (r["total_s"] or 0) for r in rs) - min(r["arrival_s"] for r in rs)
+            ok = sum(1 for r in rs if r["total_s"] is not None and slo_s is not None and r["total_s"] <= slo_s)
+            out.append({"dataset": meta["dataset"], "engine": "cpu", "rate_factor": float(factor),
+                        "rate_qps": meta["rate_qps"], "source": "real", "system": name, "n": len(rs),
+                        "quality": float(np.mean([r["quality"] for r in rs])),
+                        "per_query": {r["id"]: r["quality"] for r in rs}, "quality_ci95": None,
+                        "mean_s": float(np.mean(lat)), "p95_s": lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)],
+                        "slo_attainment": ok / len(rs) if slo_s else None,
+                        "goodput_qps": ok / span if slo_s and span > 0 else None})
+        best = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("best_fixed")
+        ref = next((p for p in out if p["source"] == "real" and p["system"] == f"fixed:{best}"
+                    and p["rate_factor"] == float(factor) and p["dataset"] == meta["dataset"]), None)
+        for p in out:
+            if ref is not None and p["source"] == "real" and p["rate_factor"] == float(factor):
+                diffs = [p["per_query"][q] - ref["per_query"][q] for q in ref["per_query"] if q in p["per_query"]]
+                p["quality_diff_vs_best_fixed"] = float(np.mean(diffs))
+                p["quality_ci95"] = ci95(diffs)
+    for p in out:
+        p.pop("per_query", None)
     return out
 
 
@@ -217,7 +250,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", nargs="+", required=True, help="tuning sweep dirs (one per dataset)")
     ap.add_argument("--out", default="eval/results/controller_sweep")
-    ap.add_argument("--real", nargs="*", default=[], help="ragserve eval result dirs to add as real points")
+    ap.add_argument("--real", nargs="*", default=[],
+                    help="ragserve eval runs to add as real points, each FACTOR=DIR (the run's rate factor)")
+    ap.add_argument("--speeds-from", help="a ragserve eval run dir: simulate with the engine speeds it measured "
+                                          "(this machine's), instead of speeds fitted to the sweep's latencies")
     ap.add_argument("--kv-budget-mb", type=float, default=64.0)
     ap.add_argument("--dtype-bytes", type=int, default=4, help="KV bytes per value (4 = fp32 CPU, 2 = bf16)")
     ap.add_argument("--answer-tokens", type=int, default=64)
@@ -235,7 +271,7 @@ def main() -> int:
         p, i = dataset_points(Path(d), args)
         points += p
         info[i["dataset"]] = i
-    points += real_points(args.real)
+    points += real_points(args.real, info)
     doc = {"command": "python " + " ".join(sys.argv), "points": points, "info": info,
            "targets": targets(points, info),
            "note": ("Simulated points: Poisson traces of each sweep's queries (n = queries; quality = mean over "
