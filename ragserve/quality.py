@@ -70,10 +70,16 @@ def feature_rows(question: str, retrieval: dict[str, list], plans: Sequence[RagP
 
 @dataclass
 class QualityModel:
-    """A fitted regressor of quality on `feature_rows`; `predict` is the planner's hot path."""
+    """Predicted quality = the plan's mean quality in the sweep + a regularized per-query
+    adjustment (`estimator`, fitted on the residuals from `feature_rows`).
 
-    estimator: Any
-    meta: dict[str, Any]
+    Why this shape: a sweep has a few hundred queries and noisy labels (F1 is mostly 0 or 1
+    per answer), so a free-form regressor overfits and loses to always running the best fixed
+    plan; anchored on the plan means it can only move away from them where query and
+    retrieval evidence says so. `predict` is the planner's hot path (one call per query)."""
+
+    estimator: Any                 # residual regressor on feature_rows; None = plan means only
+    meta: dict[str, Any]           # "grid", "plan_means" {plan: mean quality}, provenance
 
     def predict(self, question: str, hits: Sequence[RetrievedChunk], plans: Sequence[RagPlan]) -> list[float]:
         return self.predict_summary(question, retrieval_summary(hits), plans)
@@ -81,8 +87,11 @@ class QualityModel:
     def predict_summary(self, question: str, retrieval: dict[str, list], plans: Sequence[RagPlan]) -> list[float]:
         if not plans:
             return []
-        out = self.estimator.predict(feature_rows(question, retrieval, plans))
-        return [min(1.0, max(0.0, float(v))) for v in out]
+        means = self.meta.get("plan_means", {})
+        base = np.asarray([means.get(str(p), 0.0) for p in plans])
+        if self.estimator is not None:
+            base = base + self.estimator.predict(feature_rows(question, retrieval, plans))
+        return [min(1.0, max(0.0, float(v))) for v in base]
 
     @property
     def grid(self) -> tuple[RagPlan, ...]:
@@ -94,7 +103,7 @@ class QualityModel:
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self.estimator, d / MODEL_FILE)
+        joblib.dump(self.estimator, d / MODEL_FILE)   # None pickles too: plan means only
         (d / META_FILE).write_text(json.dumps({**self.meta, "feature_version": FEATURE_VERSION}, indent=2) + "\n")
         return d
 
