@@ -3,7 +3,7 @@
     python eval/bench_controller.py                 # (a) plan + cost + schedule, 1000 queries
     python eval/bench_controller.py --llm-profile   # (b) also the LLM profiler on the embedded model
 
-(a) times, per synthetic query: `Planner.plan` (prune + confidence gate), `Scheduler.add`
+(a) times, per synthetic query: `PlanPruner.plan` (prune + confidence gate), `Scheduler.add`
 (pricing every candidate with the cost model) and `Scheduler.schedule` against a random
 load snapshot, for both queue policies. No model, no torch. INFO decision logs are on
 (written to /dev/null) so their formatting is included. Target: p99 <= 2 ms. Wall clock
@@ -31,11 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ragserve.cost import CostConfig, CostModel  # noqa: E402
 from ragserve.domain import EngineStats, ModelSpec  # noqa: E402
-from ragserve.planner import Planner  # noqa: E402
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile  # noqa: E402
-from ragserve.scheduler import Job, Policy, Scheduler, SchedulerConfig  # noqa: E402
+from ragserve.metis.cost import CostConfig, CostModel  # noqa: E402
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile  # noqa: E402
+from ragserve.metis.rules import PlanPruner  # noqa: E402
+from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_P99_MS = 2.0
@@ -74,7 +74,7 @@ def synthetic_profile(rng: random.Random) -> QueryProfile:
 
 def bench_core(num_queries: int, seed: int, policy: Policy) -> dict[str, Any]:
     rng = random.Random(seed)
-    planner = Planner()
+    planner = PlanPruner()
     cost_model = CostModel(SMOLLM2, CostConfig())
     sched = Scheduler(SchedulerConfig(policy=policy), cost_model, kv_capacity_tokens=KV_CAPACITY)
     timings: dict[str, list[float]] = {"plan": [], "add": [], "schedule": [], "total": [],
@@ -112,13 +112,13 @@ def bench_core(num_queries: int, seed: int, policy: Policy) -> dict[str, Any]:
     }
 
 
-async def bench_tuned(num_queries: int, seed: int, quality_dir: Path) -> dict[str, Any]:
+def bench_tuned(num_queries: int, seed: int, quality_dir: Path) -> dict[str, Any]:
     """(c) the tuned controller's decision: quality model over the grid (features from the query
     and a synthetic retrieval), timed cost pricing, the decision rule in the scheduler."""
     from ragserve.config import TunedConfig
     from ragserve.domain import EngineSpeeds, Method
-    from ragserve.planner import degenerate
-    from ragserve.quality import load_quality_model
+    from ragserve.metis.rules import degenerate
+    from ragserve.metis.quality import load_quality_model
 
     if not (quality_dir / "quality_model.json").is_file():
         return {"status": "not measured", "reason": f"no quality model in {quality_dir} (ragserve tune train-quality)"}
@@ -155,8 +155,8 @@ async def bench_tuned(num_queries: int, seed: int, quality_dir: Path) -> dict[st
             **{f"{name}_ms": percentiles(v) for name, v in timings.items()}, **sched.counters()}
 
 
-def _llm_profiles(engine: Any, num_queries: int) -> list[tuple[float, QueryProfile]]:
-    from ragserve.profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+async def _llm_profiles(engine: Any, num_queries: int) -> list[tuple[float, QueryProfile]]:
+    from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
 
     builder = ProfilePromptBuilder("Company annual reports and meeting transcripts", 256)
     out = []

@@ -308,7 +308,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if args.action == "train-profiler":
-        from ragserve.eval.learned import train_profiler
+        from ragserve.eval.training import train_profiler
 
         if not args.profiles:
             raise BadInput("train-profiler needs tuning profile dir(s), e.g. ragserve tune train-profiler "
@@ -344,7 +344,7 @@ def _tune_collection(args: argparse.Namespace) -> int:
     from ragserve.eval.golden import GOLDEN_GRID, run_collection_tune
     from ragserve.eval.systems import parse_grid
     from ragserve.retrieval.store import Collection
-    from ragserve.tuned import QUALITY_DIR
+    from ragserve.metis.tuned import QUALITY_DIR
 
     if not (args.collection and args.questions):
         raise BadInput("tuning a collection needs both --collection NAME and --questions FILE")

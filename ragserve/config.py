@@ -109,7 +109,7 @@ class MetisConfig:
     policy: str = "fcfs"
     """Order of queries waiting for KV: fcfs (head blocks, no starvation) | sjf (cheapest first)."""
     rules_file: str | None = None
-    """YAML file with planner rules (see ragserve/planner.py); None = METIS Algorithm 1."""
+    """YAML file with planner rules (see ragserve/metis/rules.py); None = METIS Algorithm 1."""
     offer_refine: bool = False
     """Offer refine wherever map_reduce is offered (not in METIS' default rules)."""
     confidence_threshold: float = 0.9

@@ -41,7 +41,7 @@ class Decision:
     job_id: str = ""                # the planner's handle, released by `done`
 
 
-class Planner(Protocol):
+class QueryPlanner(Protocol):
     """Chooses a plan for a query whose plan the user did not fix (METIS, issue 3)."""
 
     max_chunks_needed: int
@@ -147,7 +147,7 @@ def validate_question(question: str) -> str:
 
 class Controller:
     def __init__(self, engine: Engine, retriever: Retriever, config: Config | None = None,
-                 planner: Planner | None = None, default_plan: RagPlan | None = None) -> None:
+                 planner: QueryPlanner | None = None, default_plan: RagPlan | None = None) -> None:
         self.engine = engine
         self.retriever = retriever
         self.config = config or Config()

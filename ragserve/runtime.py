@@ -52,7 +52,7 @@ class Runtime:
 def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
     """Engine + retriever + controller. With `metis`, queries without a plan are planned (the
     tuned controller, or METIS per `tuned.planner`); without, they run DEFAULT_PLAN."""
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     if config.engine.backend == "vllm":
         from ragserve.engines.vllm import VllmEngine
@@ -63,9 +63,8 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
 
         engine = LocalEngine(config.engine, blend=config.blend, steer=config.steer)
     embedder, learned = Embedder(), None
-    if config.metis.learned_profiler:   # issue 7: the fast profiler, sharing the query embedding
-        from ragserve.eval.features import CachedQueryEmbedder
-        from ragserve.eval.learned import load_profiler
+    if config.metis.learned_profiler:   # the fast profiler, sharing the query embedding with retrieval
+        from ragserve.metis.learned import CachedQueryEmbedder, load_profiler
 
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
@@ -79,7 +78,7 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
     if metis and config.tuned.planner == "metis":
         planner = MetisPlanner(engine, config, learned=learned, profiler=profiler)
     elif metis:   # tuned where a collection has a quality model, METIS' rules elsewhere
-        from ragserve.tuned import TunedPlanner
+        from ragserve.metis.tuned import TunedPlanner
 
         planner = TunedPlanner(engine, config, learned=learned, profiler=profiler)
     controller = Controller(engine, retriever, config, planner=planner, default_plan=DEFAULT_PLAN)

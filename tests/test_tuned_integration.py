@@ -15,7 +15,7 @@ import pytest
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig, TunedConfig
 from ragserve.controller import Controller
 from ragserve.domain import LLMCall, Method, RagPlan
-from ragserve.quality import QualityModel, feature_rows
+from ragserve.metis.quality import QualityModel, feature_rows
 from ragserve.retrieval.ingest import Retriever
 from tests.conftest import shared_embedder
 
@@ -38,7 +38,7 @@ def more_chunks_model() -> QualityModel:
 
 def test_plans_shrink_as_the_queue_grows_and_grow_back_when_it_drains(small_squad):
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.tuned import TunedPlanner
+    from ragserve.metis.tuned import TunedPlanner
 
     engine = LocalEngine(EngineConfig(model="smollm2", max_batch_size=4))
     config = Config(synthesis=SynthesisConfig(answer_tokens=8), metis=MetisConfig(feedback_every=0))

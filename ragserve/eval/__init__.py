@@ -1,4 +1,4 @@
-"""Evaluation and offline tuning (issue 7).
+"""Evaluation and offline tuning.
 
     datasets   the four datasets: questions, corpus -> collection, filters, scoring
     workload   seeded question samples and Poisson arrival times (pure)
@@ -6,8 +6,8 @@
     runner     `ragserve eval`: replay a workload against each system, one row per query
     report     summaries, headline comparisons, JSON / markdown / PNG
     tuning     `ragserve tune`: grid sweep -> profiles/<model>/<dataset>/, best plan per query
-    learned    `ragserve tune train-profiler`: scikit-learn profiler from the tuned labels
+    training   `ragserve tune train-profiler`: scikit-learn profiler from the tuned labels
 
-Nothing here is imported by the serving path, except `learned` when
-`metis.learned_profiler` is set.
+The serving path never imports this package (tests/metis/test_imports.py checks it); the
+learned profiler it trains is loaded by ragserve.metis.learned.
 """

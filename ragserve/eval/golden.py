@@ -141,13 +141,13 @@ async def _sweep(collection: str, questions: Sequence[dict[str, str]], grid: tup
                  config: Config, done: set[tuple[str, str]], concurrency: int, append: Any) -> None:
     from ragserve.controller import Controller
     from ragserve.eval.tuning import TuneRecord
-    from ragserve.metis import chunk_prompt_tokens
-    from ragserve.quality import TOP_K, retrieval_summary
+    from ragserve.metis.planner import chunk_prompt_tokens
+    from ragserve.metis.quality import TOP_K, retrieval_summary
     from ragserve.runtime import build_runtime
 
     rt = build_runtime(config, metis=False)
     controller = Controller(rt.engine, rt.retriever, config)
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     cost = MetisPlanner(rt.engine, config).cost   # the planners' own pricing of a plan
     limit = min(rt.engine.model.max_context, config.engine.max_context_tokens, rt.engine.stats().kv_capacity_tokens)

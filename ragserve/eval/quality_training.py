@@ -4,7 +4,7 @@ Flow: a sweep directory (profiles/<model>/<dataset>/) holds one record per (quer
 with the quality that plan got; `retrieval_summaries` adds what retrieval found for each
 query (re-retrieved once from the sweep's collection, cached in retrieval.jsonl, or read
 from the records when the sweep stored it); `training_data` makes one feature row per
-record (`ragserve.quality.feature_rows`); `fit` trains a gradient-boosted regressor.
+record (`ragserve.metis.quality.feature_rows`); `fit` trains a gradient-boosted regressor.
 
 Honesty: `cross_fit` predicts every query with a model that never saw it (k folds by
 query), which is what the evaluation and the simulator plan with; `selection_report`
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ragserve.domain import RagPlan
-from ragserve.quality import TOP_K, QualityModel, feature_rows, retrieval_summary
+from ragserve.metis.quality import TOP_K, QualityModel, feature_rows, retrieval_summary
 
 logger = logging.getLogger(__name__)
 

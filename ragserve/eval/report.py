@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import resource
 import subprocess
 import sys
 from collections import Counter
@@ -133,6 +134,13 @@ def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> d
 
 
 # ---------------------------------------------------------------------------- environment
+
+def process_cpu_s() -> float:
+    """CPU seconds used by this process (all threads), user + system: with the wall time and
+    the load average it says how much of the machine a run had."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
 
 def environment() -> dict[str, Any]:
     """Git commit (and whether the tree had changes), package versions, machine."""

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import math
 import os
-import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -26,12 +25,12 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.domain import Method, QueryResult, RagPlan
+from ragserve.errors import BadInput, RagServeError
 from ragserve.eval import checkpoint
 from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_collection, get_spec,
                                     load_questions, query_filters, score)
 from ragserve.eval.systems import (System, make_planner, system_config, unavailable_reason)
 from ragserve.eval.workload import Workload, make_workload
-from ragserve.errors import BadInput, RagServeError
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def _variants(systems: Sequence[System]) -> dict[bool, list[System]]:
 def _load_learned(config: Config, embedder: Any) -> Any:
     if not config.metis.learned_profiler:
         return None
-    from ragserve.eval.learned import load_profiler
+    from ragserve.metis.learned import load_profiler
 
     return load_profiler(config.metis.learned_profiler, embedder=embedder)
 
@@ -288,15 +287,15 @@ def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) 
 
 def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
     """Run every system of `settings` and write the report; returns the report dict."""
-    from ragserve.eval.report import write_eval_report
+    from ragserve.eval.report import process_cpu_s, write_eval_report
 
     spec = get_spec(settings.dataset)
     excluded: set[str] = set()
     if config.metis.learned_profiler:   # never evaluate the learned profiler on its training queries
-        from ragserve.eval.learned import training_query_ids
+        from ragserve.eval.training import training_query_ids
         excluded = training_query_ids(config.metis.learned_profiler)
     workload = build_workload(settings, excluded)
-    load_start, cpu_start, wall_start = os.getloadavg(), _cpu_s(), time.perf_counter()
+    load_start, cpu_start, wall_start = os.getloadavg(), process_cpu_s(), time.perf_counter()
     t0 = time.perf_counter()
     corpus = ensure_collection(settings.dataset, config, [i.question for i in workload.items],
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
@@ -336,16 +335,10 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
         "machine_load": {"loadavg_start": [round(x, 2) for x in load_start],
                          "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                          "wall_s": round(time.perf_counter() - wall_start, 1),
-                         "process_cpu_s": round(_cpu_s() - cpu_start, 1)},
+                         "process_cpu_s": round(process_cpu_s() - cpu_start, 1)},
         "workload": info.get("workload"),
     }
     return write_eval_report(settings.out, meta, runs, unavailable)
-
-
-def _cpu_s() -> float:
-    """CPU seconds used by this process (all threads), user + system."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def rate_arg(text: str) -> float | str:

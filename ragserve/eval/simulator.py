@@ -7,7 +7,7 @@ take seconds here. `ragserve eval` runs at a few rates validate it.
 
 What is real and what is modelled:
 - real: `Scheduler` (admission under free KV, FCFS queue, reservations held until the query
-  ends), `CostModel` (timed with the engine speeds), `ragserve.decide.choose` (the tuned
+  ends), `CostModel` (timed with the engine speeds), `ragserve.metis.decide.choose` (the tuned
   rule), the quality predictions (cross-fitted: never trained on the query they plan), the
   qualities and token counts every plan got on every query (the sweep's records);
 - modelled (`SimEngine`): the embedded engine's loop - admit calls FCFS under the KV budget
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ragserve.config import TunedConfig
-from ragserve.cost import CostConfig, CostModel
+from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.domain import EngineSpeeds, EngineStats, Method, ModelSpec, RagPlan
-from ragserve.scheduler import Job, Policy, Scheduler, SchedulerConfig
+from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig
 
 
 @dataclass(frozen=True)

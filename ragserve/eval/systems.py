@@ -11,7 +11,7 @@
                   a model that saw it) against measured service time and load
 
 A fixed system has no planner (the plan is passed with each query); the others implement
-the controller's `Planner` protocol. Systems are only descriptions here; the runner builds
+the controller's `QueryPlanner` protocol. Systems are only descriptions here; the runner builds
 their engines and controllers.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.controller import Decision
-from ragserve.cost import CostConfig, CostModel
 from ragserve.domain import LLMCall, Method, RagPlan, RetrievedChunk
 from ragserve.errors import BadInput
-from ragserve.planner import PlannerRules, prune
-from ragserve.profiler import SEED_EXAMPLES, LearnedProfiler, ProfilePromptBuilder, run_llm_profiler
+from ragserve.metis.cost import CostConfig, CostModel
+from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+from ragserve.metis.profile import LearnedProfiler
+from ragserve.metis.rules import PlannerRules, prune
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def make_planner(system: System, engine: Any, config: Config,
     if system.kind == "fixed":
         return None
     if system.kind == "tuned":
-        from ragserve.tuned import TunedPlanner
+        from ragserve.metis.tuned import TunedPlanner
 
         if not quality:
             raise BadInput("system tuned needs a quality model: pass --quality SWEEP_DIR (a ragserve tune "
@@ -126,13 +127,13 @@ def make_planner(system: System, engine: Any, config: Config,
         return TunedPlanner(engine, config, models=quality, learned=learned)
     if system.kind == "adaptive":
         return AdaptivePlanner(engine, config, learned)
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     return MetisPlanner(engine, config, learned=learned)
 
 
 class AdaptivePlanner:
-    """AdaptiveRAG* (METIS' quality-only baseline). Implements the controller's `Planner`.
+    """AdaptiveRAG* (METIS' quality-only baseline). Implements the controller's `QueryPlanner`.
 
     Profiles the query like METIS (the same LLM profiler, or the learned one), prunes with
     the same rules, then takes the pruned plan with the largest KV footprint (METIS'
@@ -168,7 +169,7 @@ class AdaptivePlanner:
             profile = await run_llm_profiler(self.engine, self._builder(collection), question, SEED_EXAMPLES)
         profile_s = time.perf_counter() - t0
         plans = prune(profile, self.rules, len(hits))
-        from ragserve.metis import chunk_prompt_tokens
+        from ragserve.metis.planner import chunk_prompt_tokens
 
         counts = chunk_prompt_tokens(self.engine, collection, hits, self.cost.config.overhead_tokens_per_chunk)
         costs = self.cost.estimate_many(plans, counts, self.engine.count_tokens(question))
@@ -191,6 +192,6 @@ class AdaptivePlanner:
         """No background work."""
 
     def _builder(self, collection: Any) -> ProfilePromptBuilder:
-        from ragserve.metis import profile_builder
+        from ragserve.metis.planner import profile_builder
 
         return profile_builder(self._builders, self.config, collection)

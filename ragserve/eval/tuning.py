@@ -73,7 +73,7 @@ class TuneRecord:
     num_calls: int = 0
     answer: str = ""
     error: str | None = None     # set when the query failed; such records never win
-    # What retrieval found for the query (ragserve.quality.retrieval_summary): the quality
+    # What retrieval found for the query (ragserve.metis.quality.retrieval_summary): the quality
     # model's retrieval features. None in sweeps recorded before it was kept.
     retrieval: dict[str, list] | None = None
 
@@ -333,7 +333,7 @@ def tune_questions(rows: Sequence[dict[str, Any]], num: int, seed: int | str, ho
 def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
     """The grid sweep; appends to `settings.out`/records.jsonl and resumes a compatible run."""
     from ragserve.eval.datasets import (apply_dataset_settings, ensure_collection, get_spec, load_questions)
-    from ragserve.eval.report import environment
+    from ragserve.eval.report import environment, process_cpu_s
 
     spec = get_spec(settings.dataset)
     questions = tune_questions(load_questions(settings.dataset, settings.datasets_root), settings.num,
@@ -358,13 +358,11 @@ def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
         ids = tuple(dict.fromkeys(old.query_ids + meta.query_ids))
         meta = replace(meta, grid=grid, query_ids=ids, created=old.created, elapsed_s=old.elapsed_s)
     write_meta(out, meta)
-    from ragserve.eval.runner import _cpu_s
-
-    t0, cpu0, load0 = time.perf_counter(), _cpu_s(), os.getloadavg()
+    t0, cpu0, load0 = time.perf_counter(), process_cpu_s(), os.getloadavg()
     asyncio.run(_sweep(settings, config, spec, questions, corpus.collection, done))
     records = read_records(out)
     load = {"loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(_cpu_s() - cpu0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(process_cpu_s() - cpu0, 1)}
     meta = replace(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True, machine_load=load,
                    elapsed_s=round(meta.elapsed_s + time.perf_counter() - t0, 1))
     write_meta(out, meta)

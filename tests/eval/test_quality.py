@@ -11,8 +11,8 @@ from ragserve.errors import BadInput, ConfigError
 from ragserve.eval.golden import agreement, golden_plan, read_questions
 from ragserve.eval.quality_training import CrossFitModel, cross_fit, selection_report, train_quality, training_data
 from ragserve.eval.tuning import TuneMeta, TuneRecord, append_record, write_meta
-from ragserve.quality import feature_rows, load_quality_model
-from tests.core.factories import make_cost_model
+from ragserve.metis.quality import feature_rows, load_quality_model
+from tests.metis.factories import make_cost_model
 
 S1, S3, MR3 = RagPlan(Method.STUFF, 1), RagPlan(Method.STUFF, 3), RagPlan(Method.MAP_RERANK, 3)
 

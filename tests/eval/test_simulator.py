@@ -6,7 +6,7 @@ import pytest
 from ragserve.config import TunedConfig
 from ragserve.domain import EngineSpeeds, Method, RagPlan
 from ragserve.eval.simulator import Outcome, SimEngine, SimQuery, SimSettings, SimSystem, simulate, summarize
-from tests.core.factories import QWEN
+from tests.metis.factories import QWEN
 
 SPEEDS = EngineSpeeds(prefill_tok_s=200.0, step_base_s=0.1, step_per_row_s=0.01,
                       output_tokens={"stuff": 8.0})

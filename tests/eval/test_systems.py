@@ -12,9 +12,9 @@ from ragserve.domain import Chunk, EngineStats, RetrievedChunk
 from ragserve.errors import BadInput
 from ragserve.eval.systems import (DEFAULT_FIXED_GRID, AdaptivePlanner, parse_grid, parse_systems, system_config,
                                    unavailable_reason)
-from ragserve.metis import MetisPlanner, chunk_prompt_tokens
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile
-from tests.core.factories import SMOLLM2
+from ragserve.metis.planner import MetisPlanner, chunk_prompt_tokens
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
+from tests.metis.factories import SMOLLM2
 
 
 def test_parse_systems_expands_the_fixed_grid():

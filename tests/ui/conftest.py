@@ -45,9 +45,8 @@ def inprocess(small_squad, smollm2_engine):
     from ragserve.config import BlendConfig
     from ragserve.controller import Controller
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.eval.features import CachedQueryEmbedder
-    from ragserve.eval.learned import load_profiler
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.learned import CachedQueryEmbedder, load_profiler
+    from ragserve.metis.planner import MetisPlanner
     from ragserve.retrieval.ingest import Retriever
     from ragserve.runtime import DEFAULT_PLAN
     from ui.backend import InProcessBackend

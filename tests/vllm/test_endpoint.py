@@ -10,7 +10,8 @@ import pytest
 from ragserve.config import Config, VllmConfig, VllmEndpoint
 from ragserve.engines.vllm.endpoint import EndpointGenerator
 from ragserve.errors import ConfigError
-from ragserve.profiler import ProfilePromptBuilder, ProfileSource, run_llm_profiler
+from ragserve.metis.llm_profiler import ProfilePromptBuilder, run_llm_profiler
+from ragserve.metis.profile import ProfileSource
 
 
 def closed_port() -> int:

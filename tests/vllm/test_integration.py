@@ -2,13 +2,15 @@
 
 The session's server is RAGSERVE_VLLM_URL when set, else one started here with
 scripts/vllm_server.sh (run `scripts/vllm_server.sh setup` once first) and stopped at the end.
-Its KV is bounded (0.25 GiB, ~5.8k tokens in fp32) so a few long requests move its load.
+Its KV is bounded (0.25 GiB: ~5.8k tokens in fp32, ~11.5k in bf16) so a few long requests move
+its load; tests size that load from the token counts the server reports, never from a dtype.
 The failover test starts a second server of its own and kills it mid-run.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -22,7 +24,7 @@ import pytest
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig, VllmConfig, VllmEndpoint
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
 from ragserve.retrieval.ingest import Retriever
 from ragserve.runtime import build_runtime
 from tests.conftest import shared_embedder
@@ -153,62 +155,85 @@ class FixedProfiler:
         return QueryProfile(Complexity.LOW, True, 3, (30, 60), confidence=1.0, source=ProfileSource.LEARNED)
 
 
-async def long_request(client: httpx.AsyncClient, k: int) -> None:
-    """Another tenant's long call: ~2k prompt tokens, decoding 600 tokens past EOS."""
-    text = " ".join(f"Note {k}.{i}: the river flows past the old mill where the miller counts grain."
+def long_text(k: int) -> str:
+    """Another tenant's prompt: ~2.2k tokens of filler."""
+    return " ".join(f"Note {k}.{i}: the river flows past the old mill where the miller counts grain."
                     for i in range(110))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 600,
+
+
+async def long_request(client: httpx.AsyncClient, k: int, max_tokens: int) -> None:
+    """Another tenant's long call, decoding `max_tokens` past EOS."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": long_text(k)}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True}
     await client.post("/v1/chat/completions", json=body, timeout=900)
 
 
+def tenant_load(engine, capacity: int, base_used: int, need: int) -> tuple[int, int, int]:
+    """(requests, max_tokens each, KV used at which to query) for another tenant's load that
+    leaves less free KV than `need` (the idle plan's own KV budget) but more than a third of it.
+
+    Sized from the plan's need and the server's capacity, never from a KV dtype: a server in
+    bf16 holds twice the tokens of one in fp32 in the same bytes. The load's final size is
+    capacity - need/3, so it never overshoots into preemption (or below the smallest plan);
+    querying once it holds capacity - 2*need/3 leaves free KV in (need/3, 2*need/3] while it
+    still decodes."""
+    from ragserve.domain import LLMCall
+
+    prompt = engine.prompt_tokens(LLMCall((("user", long_text(0)),), 1))
+    total = capacity - base_used - need // 3               # the load's KV at its end
+    num = max(2, math.ceil(total / (prompt + 600)))        # each decodes at most ~600 tokens
+    max_tokens = total // num - prompt - 16                # one KV block (16 tokens) of slack each
+    assert max_tokens >= 100, (capacity, need, prompt, num)   # it must decode a while
+    return num, max_tokens, capacity - (2 * need) // 3
+
+
 def test_load_moves_and_metis_picks_smaller_plans(vllm_url, small_squad):
     from ragserve.engines.vllm import VllmEngine
-    from ragserve.metis import MetisPlanner
+    from ragserve.metis.planner import MetisPlanner
 
     config = make_config(vllm_url)
     engine = VllmEngine(config.vllm, config.engine)
     planner = MetisPlanner(engine, config, learned=FixedProfiler())
     controller = Controller(engine, Retriever(shared_embedder()), config, planner=planner)
     question = QUESTIONS[1]
-    want = int(0.6 * engine.stats().kv_capacity_tokens)   # KV the other tenant must take
 
     async def run():
         idle_stats = engine.stats()
         idle = await controller.query(question, small_squad)
-        # Enough ~2.2k-token requests to hold ~3/4 of the KV (2 on the 0.25 GiB test server).
-        num_long = max(2, round(0.75 * idle_stats.kv_capacity_tokens / 2200))
+        num_long, max_tokens, query_at = tenant_load(engine, idle_stats.kv_capacity_tokens,
+                                                     idle_stats.kv_used_tokens,
+                                                     idle.decision["cost"]["kv_budget_tokens"])
         async with httpx.AsyncClient(base_url=vllm_url) as client:
-            load = [asyncio.ensure_future(long_request(client, k)) for k in range(num_long)]
+            load = [asyncio.ensure_future(long_request(client, k, max_tokens)) for k in range(num_long)]
             loaded_stats = idle_stats
             try:
                 for _ in range(1200):
                     await asyncio.sleep(0.5)
                     loaded_stats = engine.stats()
-                    if loaded_stats.num_running >= 2 and loaded_stats.kv_used_tokens >= idle_stats.kv_used_tokens + want:
+                    if loaded_stats.num_running >= 2 and loaded_stats.kv_used_tokens >= query_at:
                         break
                 busy = await controller.query(question, small_squad)
             finally:
                 for task in load:
                     task.cancel()   # closing the connection aborts the request in vLLM
                 await asyncio.gather(*load, return_exceptions=True)
-        return idle_stats, idle, loaded_stats, busy
+        return idle_stats, idle, query_at, loaded_stats, busy
 
     try:
-        idle_stats, idle, loaded_stats, busy = asyncio.run(run())
+        idle_stats, idle, query_at, loaded_stats, busy = asyncio.run(run())
     finally:
         asyncio.run(planner.close())
         asyncio.run(engine.close())
 
     # The snapshot moved with the other tenant's load, and says how old it is.
     assert loaded_stats.num_running >= 2, loaded_stats
-    assert loaded_stats.kv_used_tokens >= idle_stats.kv_used_tokens + want, (idle_stats, loaded_stats)
+    assert loaded_stats.kv_used_tokens >= query_at, (idle_stats, query_at, loaded_stats)
     assert loaded_stats.kv_capacity_tokens == idle_stats.kv_capacity_tokens
     assert 0 <= loaded_stats.age_s < config.vllm.max_staleness_s
     # METIS planned against the free KV it saw: less of it, a smaller plan; both answered.
-    assert idle.decision["kv_free_tokens"] > busy.decision["kv_free_tokens"]
-    assert busy.plan.num_chunks < idle.plan.num_chunks, (idle.plan, busy.plan, busy.decision)
     assert idle.plan.num_chunks == 9 and idle.decision["reason"] == "fit"
+    assert busy.decision["kv_free_tokens"] < idle.decision["cost"]["kv_budget_tokens"], busy.decision
+    assert busy.plan.num_chunks < idle.plan.num_chunks, (idle.plan, busy.plan, busy.decision)
     for r in (idle, busy):
         assert r.answer.strip()
         assert r.decision["cost"]["kv_budget_tokens"] <= r.decision["kv_free_tokens"]
@@ -256,7 +281,8 @@ def test_two_endpoints_one_killed_mid_run_loses_no_query(vllm_url, small_squad, 
 def test_profiler_on_an_endpoint_beside_the_serving_engine(vllm_url):
     """metis.profiler_endpoint: the profile comes from the endpoint's model with log-prob confidence."""
     from ragserve.engines.vllm.endpoint import EndpointGenerator
-    from ragserve.profiler import SEED_EXAMPLES, ProfilePromptBuilder, ProfileSource, run_llm_profiler
+    from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+    from ragserve.metis.profile import ProfileSource
 
     async def run():
         gen = EndpointGenerator(VllmEndpoint(vllm_url, MODEL))

@@ -2,9 +2,10 @@ import pytest
 
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import ConfigError
-from ragserve.feedback import GOLDEN_PLAN, FeedbackLoop
-from ragserve.profiler import FeedbackExample, ProfilePromptBuilder
-from tests.core.factories import make_profile, make_result
+from ragserve.metis.feedback import GOLDEN_PLAN, FeedbackLoop
+from ragserve.metis.llm_profiler import ProfilePromptBuilder
+from ragserve.metis.profile import FeedbackExample
+from tests.metis.factories import make_profile, make_result
 
 BUILDER = ProfilePromptBuilder("Meeting transcripts (QMSum)", chunk_tokens=256)
 

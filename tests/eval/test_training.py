@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from ragserve.errors import ConfigError, NotFound
-from ragserve.eval.features import CachedQueryEmbedder, FeatureSpec, featurize, question_word
-from ragserve.eval.learned import (ProfileLabel, covers, label_from_plan, load_profiler, summary_range_from,
-                                   train_profiler, training_query_ids)
+from ragserve.eval.training import (ProfileLabel, covers, label_from_plan, summary_range_from, train_profiler,
+                                    training_query_ids)
 from ragserve.eval.tuning import append_record, write_meta
-from ragserve.profiler import Complexity, LearnedProfiler, ProfileSource, QueryProfile
+from ragserve.metis.learned import CachedQueryEmbedder, FeatureSpec, featurize, load_profiler, question_word
+from ragserve.metis.profile import Complexity, LearnedProfiler, ProfileSource, QueryProfile
 from tests.eval.factories import FakeEmbedder, make_record, plan
 from tests.eval.test_tuning import make_meta
 

@@ -20,7 +20,8 @@ from collections import deque
 
 from ragserve.domain import LLMCall, LLMResult, Method, RagPlan
 from ragserve.errors import ConfigError
-from ragserve.profiler import FeedbackExample, ProfilePromptBuilder, QueryProfile, parse_profile
+from ragserve.metis.llm_profiler import ProfilePromptBuilder, parse_profile
+from ragserve.metis.profile import FeedbackExample, QueryProfile
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """METIS as the controller's planner: profile -> prune -> best-fit schedule under free KV.
 
-Owns one Scheduler (per engine) and one Planner per collection (the confidence gate's
+Owns one Scheduler (per engine) and one PlanPruner per collection (the confidence gate's
 history is per collection). A query's KV stays reserved from admission until `done`:
 its calls reach the engine over several rounds (map, then reduce), so the engine's own
 snapshot lags behind what was promised. Free KV for a decision is therefore
@@ -19,14 +19,14 @@ from typing import Any
 from ragserve import prompts
 from ragserve.config import Config
 from ragserve.controller import Decision, run_program
-from ragserve.cost import CostConfig, CostModel
 from ragserve.domain import EngineStats, LLMCall, RetrievedChunk
 from ragserve.engines.base import Engine
-from ragserve.feedback import FeedbackLoop
-from ragserve.planner import Planner, PlannerRules
-from ragserve.profiler import (SEED_EXAMPLES, LearnedProfiler, ProfilePromptBuilder, QueryProfile,
-                                run_llm_profiler)
-from ragserve.scheduler import Job, Policy, Scheduler, SchedulerConfig
+from ragserve.metis.cost import CostConfig, CostModel
+from ragserve.metis.feedback import FeedbackLoop
+from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
+from ragserve.metis.profile import LearnedProfiler, QueryProfile
+from ragserve.metis.rules import PlanPruner, PlannerRules
+from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig
 from ragserve.synthesis import build_program
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class _Pending:
 
 
 class MetisPlanner:
-    """Implements the controller's `Planner` protocol."""
+    """Implements the controller's `QueryPlanner` protocol."""
 
     def __init__(self, engine: Engine, config: Config, learned: LearnedProfiler | None = None,
                  profiler: Any = None) -> None:
@@ -71,20 +71,20 @@ class MetisPlanner:
         # reads them, so with one they would be pure load on the engine.
         every = mc.feedback_every if learned is None else 0
         self.feedback = FeedbackLoop(every_n=every or 10**9)
-        self._planners: dict[str, Planner] = {}
+        self._planners: dict[str, PlanPruner] = {}
         self._builders: dict[str, ProfilePromptBuilder] = {}
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
         self._pump_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
-    # -- Planner protocol ---------------------------------------------------------------
+    # -- QueryPlanner protocol ---------------------------------------------------------------
     async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
                      slo_s: float | None = None) -> Decision:
         t0 = time.perf_counter()
         profile = await self._profile(collection, question)
         profile_s = time.perf_counter() - t0
-        planner = self._planners.setdefault(collection.name, Planner(self.rules))
+        planner = self._planners.setdefault(collection.name, PlanPruner(self.rules))
         space = planner.plan(profile, len(hits))
         counts = self._token_counts(collection, hits)
         self.retime()

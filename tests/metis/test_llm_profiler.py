@@ -4,11 +4,9 @@ import math
 import pytest
 
 from ragserve.errors import EngineDead, EngineUnavailable
-from ragserve.profiler import (
-    Complexity, FeedbackExample, LearnedProfiler, ProfilePromptBuilder, ProfileSource,
-    QueryProfile, confidence_from_logprobs, fallback_profile, parse_profile, run_llm_profiler,
-)
-from tests.core.factories import make_profile, make_result
+from ragserve.metis.llm_profiler import ProfilePromptBuilder, confidence_from_logprobs, parse_profile, run_llm_profiler
+from ragserve.metis.profile import Complexity, FeedbackExample, LearnedProfiler, ProfileSource, QueryProfile, fallback_profile
+from tests.metis.factories import make_profile, make_result
 
 BUILDER = ProfilePromptBuilder("Fortune 500 quarterly financial reports, 2023", chunk_tokens=256)
 CLEAN = '{"complexity": "high", "joint_reasoning": true, "pieces": 4, "summary_range": [40, 120]}'

@@ -5,9 +5,9 @@ import pytest
 
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import AdmissionRejected, BadInput, NoFeasiblePlan
-from ragserve.planner import Planner
-from ragserve.scheduler import Job, Reason
-from tests.core.factories import (
+from ragserve.metis.rules import PlanPruner
+from ragserve.metis.scheduler import Job, Reason
+from tests.metis.factories import (
     budget, make_cost_model, make_job, make_model_spec, make_profile, make_scheduler,
     make_stats, stuff_plans,
 )
@@ -280,13 +280,13 @@ def test_counters_and_one_info_line_per_decision(caplog):
     sched = make_scheduler()
     sched.add(make_job("a"))
     sched.add(make_job("b", plans=stuff_plans(5, 10, Method.MAP_RERANK), fallback=Method.MAP_RERANK))
-    with caplog.at_level(logging.INFO, logger="ragserve.scheduler"):
+    with caplog.at_level(logging.INFO, logger="ragserve.metis.scheduler"):
         decisions = sched.schedule(make_stats(budget(plan(10)) + budget(plan(2, Method.MAP_RERANK))),
                                    now_s=0.0)
     assert [d.reason for d in decisions] == [Reason.FIT, Reason.FALLBACK]
     assert sched.counters() == {"plans": {"stuff": 1, "map_rerank": 1},
                                 "reasons": {"fit": 1, "fallback": 1}}
-    records = [r for r in caplog.records if r.name == "ragserve.scheduler"]
+    records = [r for r in caplog.records if r.name == "ragserve.metis.scheduler"]
     assert len(records) == 2
     assert records[0].args                     # lazy %-formatting, not an f-string
     assert "plan=stuff:10" in records[0].getMessage() and "reason=fit" in records[0].getMessage()
@@ -306,7 +306,7 @@ def test_decision_to_dict_for_the_cli():
 # ------------------------------------------------------------------ planner -> scheduler
 
 def test_profile_to_decision_end_to_end():
-    planner = Planner()
+    planner = PlanPruner()
     profile = make_profile("high", joint=True, pieces=2, summary=(30, 60))
     space = planner.plan(profile, max_chunks=30)
     job = Job.from_space("q1", space, [120] * 30, question_tokens=12, arrival_s=0.0)

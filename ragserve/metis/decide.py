@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ragserve.config import TunedConfig
-from ragserve.cost import PlanCost
+from ragserve.metis.cost import PlanCost
 from ragserve.domain import RagPlan
 
 

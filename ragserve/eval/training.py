@@ -1,8 +1,9 @@
-"""The learned profiler: scikit-learn classifiers from query features to METIS' profile.
+"""Training the learned profiler (`ragserve tune train-profiler`): tuning profiles ->
+labels -> scikit-learn classifiers, cross-validated, saved for `ragserve.metis.learned`.
 
 Training data are tuning profiles (ragserve.eval.tuning): each tuned query's best plan is
 turned back into the profile that METIS' rules would prune to a space containing it
-(Algorithm 1 inverted):
+(Algorithm 1 inverted, `ragserve.metis.learned.METHOD_PROFILE`):
 
     best method  map_rerank -> joint_reasoning no,  complexity low
                  stuff      -> joint_reasoning yes, complexity low
@@ -14,20 +15,9 @@ turned back into the profile that METIS' rules would prune to a space containing
                  the (min, max) over the training set clamped to 30-200; (30, 60) when no
                  label is map_reduce. One range per model, stored in the spec.
 
-Features: `ragserve.eval.features` (the query embedding + simple text features).
-
-Models: two classifiers, `method` (3 classes) and `pieces`, each StandardScaler +
-LogisticRegression (a constant predictor when the labels hold one class). Confidence =
-the method classifier's largest class probability (the method decides the pruned space;
-METIS gates on it with the 0.9 threshold).
-
-Saved as a directory: `model.joblib` (the estimators) + `profiler.json` (format_version,
-feature spec, label mapping, summary range, sklearn/numpy versions, training report with
-cross-validated accuracy vs the tuned labels and the measured inference time).
-
-Inference cost: the classifiers run as plain numpy (`_FastHead`, checked against
-scikit-learn at load) in microseconds; the query embedding is the expensive part (shared with retrieval through
-`CachedQueryEmbedder`).
+Models: each classifier is StandardScaler + LogisticRegression (a constant predictor when
+the labels hold one class). The training report holds cross-validated accuracy vs the
+tuned labels and the measured inference time.
 """
 from __future__ import annotations
 
@@ -36,34 +26,25 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ragserve.domain import Method, RagPlan
-from ragserve.eval.features import CachedQueryEmbedder, FeatureSpec, featurize
-from ragserve.errors import BadInput, ConfigError, NotFound
-from ragserve.profiler import (MAX_PIECES, MAX_SUMMARY, MIN_PIECES, MIN_SUMMARY, Complexity, ProfileSource,
-                               QueryProfile)
+from ragserve.errors import BadInput, NotFound
+from ragserve.metis.learned import (DEFAULT_SUMMARY_RANGE, METHOD_PROFILE, SPEC_FILE, CachedQueryEmbedder,
+                                    FeatureSpec, LearnedProfilerModel, featurize)
+from ragserve.metis.profile import MAX_PIECES, MAX_SUMMARY, MIN_PIECES, MIN_SUMMARY, QueryProfile
+from ragserve.metis.rules import PlannerRules, prune
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MODEL_FILE, SPEC_FILE = "model.joblib", "profiler.json"
-WORDS_PER_TOKEN = 1 / 1.3            # the planner's tokens_per_summary_unit, inverted
-DEFAULT_SUMMARY_RANGE = (MIN_SUMMARY, 60)
+WORDS_PER_TOKEN = 1 / PlannerRules().tokens_per_summary_unit   # the rules' word -> token factor, inverted
 
 
 # ---------------------------------------------------------------------------- labels
-
-METHOD_PROFILE = {   # METIS Algorithm 1 inverted: method -> (joint_reasoning, complexity)
-    Method.MAP_RERANK.value: (False, Complexity.LOW),
-    Method.STUFF.value: (True, Complexity.LOW),
-    Method.MAP_REDUCE.value: (True, Complexity.HIGH),
-}
-
 
 @dataclass(frozen=True)
 class ProfileLabel:
@@ -111,128 +92,6 @@ def _fit(x: np.ndarray, labels: Sequence[Any]) -> Any:
     return model
 
 
-class _FastHead:
-    """predict_proba of a fitted classifier in plain numpy: one row costs microseconds,
-    where sklearn's input validation costs ~0.3 ms per call. Handles StandardScaler +
-    LogisticRegression pipelines and constant predictors; anything else uses sklearn."""
-
-    def __init__(self, estimator: Any, probe: np.ndarray) -> None:
-        self.estimator = estimator
-        self.classes_ = estimator.classes_
-        self._const: np.ndarray | None = None
-        self._linear: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        steps = getattr(estimator, "steps", None)
-        if steps is None and hasattr(estimator, "class_prior_"):        # DummyClassifier
-            self._const = np.asarray(estimator.predict_proba(probe[:1])[0], dtype=np.float64)
-        elif steps is not None and len(steps) == 2 and hasattr(steps[0][1], "scale_") and hasattr(steps[1][1], "coef_"):
-            scaler, lr = steps[0][1], steps[1][1]
-            self._linear = (scaler.mean_, scaler.scale_, lr.coef_.T, lr.intercept_)   # (d,), (d,), (d, k'), (k',)
-            if not np.allclose(self._proba(probe[:2]), estimator.predict_proba(probe[:2]), atol=1e-6):
-                logger.warning("fast path of %s disagrees with scikit-learn; using scikit-learn", type(lr).__name__)
-                self._linear = None
-
-    def _proba(self, x: np.ndarray) -> np.ndarray:
-        mean, scale, w, b = self._linear
-        z = ((x - mean) / scale) @ w + b            # (n, k') ; k' = 1 for two classes
-        if z.shape[1] == 1:
-            p1 = np.exp(-np.logaddexp(0.0, -z[:, 0]))   # sigmoid, without overflow
-            return np.stack([1.0 - p1, p1], axis=1)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        if self._const is not None:
-            return np.tile(self._const, (len(x), 1))
-        if self._linear is not None:
-            return self._proba(np.asarray(x, dtype=np.float64))
-        return self.estimator.predict_proba(x)
-
-
-class LearnedProfilerModel:
-    """Implements `ragserve.profiler.LearnedProfiler`: query -> QueryProfile(source=learned)."""
-
-    def __init__(self, spec: FeatureSpec, method_model: Any, pieces_model: Any,
-                 summary_range: tuple[int, int], embedder: Any, info: dict[str, Any] | None = None) -> None:
-        self.spec = spec
-        self.method_model = method_model
-        self.pieces_model = pieces_model
-        probe = np.random.default_rng(0).normal(size=(2, spec.dim))   # checks the fast path
-        self._method = _FastHead(method_model, probe)
-        self._pieces = _FastHead(pieces_model, probe)
-        self.summary_range = tuple(summary_range)
-        self.embedder = embedder
-        self.info = info or {}
-
-    def profile(self, query: str) -> QueryProfile:
-        emb = np.asarray(self.embedder.encode_query(query), dtype=np.float32)[None, :]   # (1, d)
-        return self.profile_features(featurize([query], self.spec, emb))
-
-    def profile_features(self, x: np.ndarray) -> QueryProfile:
-        """The profile of one feature row (1, spec.dim): the classifier part of `profile`."""
-        method_p = self._method.predict_proba(x)[0]
-        method = str(self._method.classes_[int(np.argmax(method_p))])
-        pieces_p = self._pieces.predict_proba(x)[0]
-        pieces = int(self._pieces.classes_[int(np.argmax(pieces_p))])
-        joint, complexity = METHOD_PROFILE[method]
-        confidence = float(min(1.0, max(0.0, method_p.max())))
-        return QueryProfile(complexity, joint, pieces, self.summary_range if complexity is Complexity.HIGH
-                            else DEFAULT_SUMMARY_RANGE, confidence=confidence, source=ProfileSource.LEARNED)
-
-    # -- persistence ----------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        import joblib
-        import sklearn
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"method": self.method_model, "pieces": self.pieces_model}, d / MODEL_FILE)
-        spec = {"format_version": FORMAT_VERSION, "feature_spec": asdict(self.spec),
-                "summary_range": list(self.summary_range), "sklearn_version": sklearn.__version__,
-                "numpy_version": np.__version__,
-                "labels": {"method_to_profile": {m: {"joint_reasoning": j, "complexity": c.value}
-                                                 for m, (j, c) in METHOD_PROFILE.items()},
-                           "pieces": "clamp(ceil(num_chunks / 2), 1, 10)",
-                           "summary_range": "(min, max) of map_reduce labels' intermediate_tokens / 1.3, "
-                                            "clamped to 30-200; (30, 60) without map_reduce labels"},
-                "confidence": "largest class probability of the method classifier",
-                "method_classes": [str(c) for c in self.method_model.classes_],
-                "pieces_classes": [int(c) for c in self.pieces_model.classes_], **self.info}
-        (d / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n")
-        return d
-
-
-def load_profiler(path: str | Path, embedder: Any = None) -> LearnedProfilerModel:
-    """Load a saved learned profiler; `embedder` defaults to a new MiniLM Embedder and must
-    be the embedding model the profiler was trained with."""
-    import joblib
-    import sklearn
-
-    d = Path(path)
-    if not (d / SPEC_FILE).is_file() or not (d / MODEL_FILE).is_file():
-        raise NotFound(f"no learned profiler at {str(d)!r} (need {SPEC_FILE} and {MODEL_FILE}); "
-                       "train one with: ragserve tune train-profiler profiles/<model>/<dataset>")
-    raw = json.loads((d / SPEC_FILE).read_text())
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"learned profiler {str(d)!r} has format_version {raw.get('format_version')!r}; "
-                          f"this ragserve reads {FORMAT_VERSION}: retrain it")
-    fs = raw["feature_spec"]
-    spec = FeatureSpec(fs["embedding_model"], int(fs["embedding_dim"]), tuple(fs["text_features"]),
-                       tuple(fs["question_words"]), tuple(fs["keywords"]))
-    if raw.get("sklearn_version") != sklearn.__version__:
-        logger.warning("learned profiler %s was saved with scikit-learn %s, running %s; retrain if it "
-                       "misbehaves", d, raw.get("sklearn_version"), sklearn.__version__)
-    if embedder is None:
-        from ragserve.retrieval.embeddings import Embedder
-        embedder = Embedder()
-    if getattr(embedder, "model_id", None) != spec.embedding_model:
-        raise ConfigError(f"learned profiler {str(d)!r} was trained on {spec.embedding_model!r} embeddings, "
-                          f"the embedder is {getattr(embedder, 'model_id', None)!r}")
-    models = joblib.load(d / MODEL_FILE)
-    return LearnedProfilerModel(spec, models["method"], models["pieces"], tuple(raw["summary_range"]),
-                                embedder, info={k: raw[k] for k in ("training",) if k in raw})
-
-
 # ---------------------------------------------------------------------------- training
 
 @dataclass(frozen=True)
@@ -275,8 +134,6 @@ def training_set(profile_dirs: Sequence[str | Path]) -> TrainingSet:
 
 def covers(profile: QueryProfile, plan: RagPlan, max_chunks: int) -> bool:
     """Would METIS' default rules prune `profile` to a space holding `plan`'s method and chunks?"""
-    from ragserve.planner import PlannerRules, prune
-
     method = Method.MAP_REDUCE if plan.method is Method.REFINE else plan.method
     return any(p.method is method and p.num_chunks == plan.num_chunks
                for p in prune(profile, PlannerRules(), max(max_chunks, plan.num_chunks)))

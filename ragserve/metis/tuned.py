@@ -1,5 +1,5 @@
 """The tuned controller: per query, the plan with the best predicted quality the engine can
-deliver now (the decision rule is `ragserve.decide`).
+deliver now (the decision rule is `ragserve.metis.decide`).
 
 Who owns what: a collection's quality model (trained on its tuning sweep) predicts every
 candidate's quality from the query and its retrieval; the cost model, timed with the
@@ -21,10 +21,10 @@ from ragserve.config import Config
 from ragserve.controller import Decision
 from ragserve.domain import Method, RagPlan, RetrievedChunk
 from ragserve.engines.base import Engine
-from ragserve.metis import MetisPlanner
-from ragserve.planner import degenerate
-from ragserve.quality import QualityModel, load_quality_model
-from ragserve.scheduler import Job
+from ragserve.metis.planner import MetisPlanner
+from ragserve.metis.rules import degenerate
+from ragserve.metis.quality import QualityModel, load_quality_model
+from ragserve.metis.scheduler import Job
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@ import math
 
 import pytest
 
-from ragserve.cost import CostConfig, CostModel
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput, ConfigError
-from tests.core.factories import QWEN, SMOLLM2, make_cost_model, make_model_spec
+from ragserve.metis.cost import CostConfig, CostModel
+from tests.metis.factories import QWEN, SMOLLM2, make_cost_model, make_model_spec
 
 CHUNKS = [100, 200, 300]   # ranked: a plan with n chunks uses the first n
 Q = 10                     # question tokens; base per call = Q + 20 overhead = 30

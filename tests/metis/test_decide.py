@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 
 from ragserve.config import TunedConfig
-from ragserve.decide import Candidate, choose
+from ragserve.metis.decide import Candidate, choose
 from ragserve.domain import EngineSpeeds, Method, RagPlan
 from ragserve.engines.speeds import SpeedTracker
 from ragserve.errors import ConfigError
-from ragserve.scheduler import Job, Reason, engine_backlog_s
-from tests.core.factories import make_cost_model, make_scheduler, make_stats
+from ragserve.metis.scheduler import Job, Reason, engine_backlog_s
+from tests.metis.factories import make_cost_model, make_scheduler, make_stats
 
 SPEEDS = EngineSpeeds(prefill_tok_s=200.0, step_base_s=0.1, step_per_row_s=0.01,
                       output_tokens={"stuff": 8.0, "map_rerank": 10.0})

@@ -18,7 +18,7 @@ Choice for one job, given the free KV tokens F left at its turn:
    as many chunks as fit (and meet the SLO, if any), at most the candidates' largest count;
 4. otherwise the job waits.
 
-A job that carries predicted qualities (the tuned controller) is chosen by `ragserve.decide` instead:
+A job that carries predicted qualities (the tuned controller) is chosen by `ragserve.metis.decide` instead:
 predicted quality against predicted completion (backlog + service seconds) over the
 candidates that fit F; each admission adds its prefill to the backlog the next job sees.
 
@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence
 
-from ragserve.cost import CostModel, PlanCost
 from ragserve.config import TunedConfig
-from ragserve.decide import Candidate, choose
 from ragserve.domain import EngineStats, Method, RagPlan
 from ragserve.errors import AdmissionRejected, BadInput, ConfigError, NoFeasiblePlan
-from ragserve.planner import PlanSpace
-from ragserve.profiler import QueryProfile
+from ragserve.metis.cost import CostModel, PlanCost
+from ragserve.metis.profile import QueryProfile
+from ragserve.metis.rules import PlanSpace
+from ragserve.metis.decide import Candidate, choose
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Job:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Admitted:
     """A job admitted this step, with the plan to run."""
 
     job: Job
@@ -149,7 +149,7 @@ class Scheduler:
                  kv_capacity_tokens: int | None = None, rule: TunedConfig | None = None) -> None:
         """`kv_capacity_tokens`: the engine's total KV, if known before the first `schedule`
         (lets `add` reject a job that could never run); each snapshot updates it. `rule`: how jobs
-        that carry predicted `qualities` are chosen (`ragserve.decide`); jobs without them get
+        that carry predicted `qualities` are chosen (`ragserve.metis.decide`); jobs without them get
         METIS' best fit. Candidates are priced at `add` with `cost_model` as it is then: set a
         copy timed with the latest engine speeds (`CostModel.timed`) before adding."""
         self.config = config or SchedulerConfig()
@@ -210,7 +210,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ step
 
-    def schedule(self, stats: EngineStats, now_s: float | None = None) -> list[Decision]:
+    def schedule(self, stats: EngineStats, now_s: float | None = None) -> list[Admitted]:
         """Admit what fits `stats` now; returns the admitted jobs (possibly none).
 
         Called by the controller when a query arrives and whenever engine calls finish.
@@ -223,7 +223,7 @@ class Scheduler:
         entries = list(self._waiting.values())
         if self.config.policy is Policy.SJF:
             entries.sort(key=lambda e: (e.min_cost.kv_budget_tokens, e.job.arrival_s))
-        decisions: list[Decision] = []
+        decisions: list[Admitted] = []
         for entry in entries:
             error = self._never_fits(entry)
             if error is not None:
@@ -278,25 +278,25 @@ class Scheduler:
                 "smaller chunks")
         return None
 
-    def _decide(self, entry: _Entry, free: int, now: float) -> Decision | None:
+    def _decide(self, entry: _Entry, free: int, now: float) -> Admitted | None:
         job = entry.job
         wait_s = max(0.0, now - job.arrival_s)
         left_s = None if job.slo_s is None else job.slo_s - wait_s
         best_fit = next(((c, p) for c, p in entry.candidates if c.kv_budget_tokens <= free), None)
         if best_fit is not None and left_s is None:
-            return Decision(job, best_fit[1], Reason.FIT, free, best_fit[0], wait_s)
+            return Admitted(job, best_fit[1], Reason.FIT, free, best_fit[0], wait_s)
         if best_fit is not None:
             pick = next(((c, p) for c, p in entry.candidates
                          if c.kv_budget_tokens <= free and c.est_latency_s <= left_s), None)
             if pick is not None:
                 reason = Reason.FIT if pick[1] == best_fit[1] else Reason.SLO
-                return Decision(job, pick[1], reason, free, pick[0], wait_s)
+                return Admitted(job, pick[1], reason, free, pick[0], wait_s)
         fallback = self._largest_fallback(entry, free, left_s)
         if fallback is None and left_s is not None:
             fallback = self._largest_fallback(entry, free, None, max_chunks=1)   # SLO lost anyway
         if fallback is None:
             return None
-        return Decision(job, fallback[1], Reason.FALLBACK, free, fallback[0], wait_s)
+        return Admitted(job, fallback[1], Reason.FALLBACK, free, fallback[0], wait_s)
 
     def _decide_tuned(self, entry: _Entry, free: int, now: float, backlog_s: float) -> Decision | None:
         job = entry.job
@@ -309,7 +309,7 @@ class Scheduler:
         if choice is None:
             return None
         c = choice.candidate
-        return Decision(job, c.plan, Reason(choice.reason), free, c.cost, wait_s, backlog_s, c.quality)
+        return Admitted(job, c.plan, Reason(choice.reason), free, c.cost, wait_s, backlog_s, c.quality)
 
     def _largest_fallback(self, entry: _Entry, free: int, left_s: float | None,
                           max_chunks: int | None = None) -> tuple[PlanCost, RagPlan] | None:
@@ -339,7 +339,7 @@ class Scheduler:
                 hi = mid - 1
         return cost(lo), RagPlan(job.fallback, lo)
 
-    def _record(self, d: Decision) -> None:
+    def _record(self, d: Admitted) -> None:
         self.plans_chosen[d.plan.method.value] += 1
         self.reasons[d.reason.value] += 1
         logger.info("decision job=%s profile=%s pruned=%d plan=%s reason=%s kv_free=%d "

@@ -1,8 +1,8 @@
-"""Planner: a query profile -> the pruned space of candidate RAG plans (METIS §4.2, §5).
+"""Rules: a query profile -> the pruned space of candidate RAG plans (METIS §4.2, §5).
 
 Who owns what: the profiler describes the query; the planner proposes the quality-safe
 plans (`prune`, rules held as data in `PlannerRules`); the scheduler later picks one of
-them under the current memory load. `Planner.plan` adds METIS' reliability gate: a
+them under the current memory load. `PlanPruner.plan` adds METIS' reliability gate: a
 profile below the confidence threshold is not trusted, and the union of the pruned spaces
 of the last 10 confident queries is proposed instead (`ConfidenceGate`).
 
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput, ConfigError
-from ragserve.profiler import Complexity, QueryProfile
+from ragserve.metis.profile import Complexity, QueryProfile
 
 # Methods whose plans carry an intermediate length (summary cap / refined-answer cap).
 _INTERMEDIATE_METHODS = (Method.MAP_REDUCE, Method.REFINE)
@@ -247,7 +247,7 @@ def fallback_method(profile: QueryProfile) -> Method:
     return Method.STUFF if profile.joint_reasoning else Method.MAP_RERANK
 
 
-class Planner:
+class PlanPruner:
     """`prune` plus the confidence gate. Holds state (the gate's history): one per collection."""
 
     def __init__(self, rules: PlannerRules | None = None) -> None:

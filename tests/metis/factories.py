@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ragserve.cost import CostConfig, CostModel
 from ragserve.domain import EngineStats, LLMResult, Method, ModelSpec, RagPlan
-from ragserve.profiler import Complexity, ProfileSource, QueryProfile
-from ragserve.scheduler import Job, Policy, Scheduler, SchedulerConfig
+from ragserve.metis.cost import CostConfig, CostModel
+from ragserve.metis.profile import Complexity, ProfileSource, QueryProfile
+from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig
 
 # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, bf16 -> 2*30*3*64*2 = 23,040 B/token.
 SMOLLM2 = ModelSpec("smollm2-135m", num_layers=30, num_kv_heads=3, head_dim=64,

@@ -2,9 +2,9 @@ import pytest
 
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput, ConfigError
-from ragserve.planner import ConfidenceGate, MethodRule, Planner, PlannerRules, degenerate, prune
-from ragserve.profiler import Complexity, QueryProfile, fallback_profile
-from tests.core.factories import make_profile
+from ragserve.metis.profile import Complexity, QueryProfile, fallback_profile
+from ragserve.metis.rules import ConfidenceGate, MethodRule, PlanPruner, PlannerRules, degenerate, prune
+from tests.metis.factories import make_profile
 
 RULES = PlannerRules()
 TOKENS = PlannerRules(tokens_per_summary_unit=1.0)   # summary range taken as tokens
@@ -119,7 +119,7 @@ def test_profile_matching_no_rule_is_a_config_error():
 # ------------------------------------------------------------------ confidence gate
 
 def test_confident_profile_uses_its_own_space():
-    planner = Planner()
+    planner = PlanPruner()
     space = planner.plan(make_profile("low", True, pieces=2, confidence=0.95), 30)
     assert not space.from_history
     assert space.plans == tuple(RagPlan(Method.STUFF, n) for n in range(2, 7))
@@ -127,7 +127,7 @@ def test_confident_profile_uses_its_own_space():
 
 
 def test_low_confidence_uses_the_union_of_the_last_10():
-    planner = Planner()
+    planner = PlanPruner()
     # 11 confident queries; the first (pieces=10) must be forgotten
     planner.plan(make_profile("low", True, pieces=10), 30)
     for _ in range(9):
@@ -147,11 +147,11 @@ def test_low_confidence_without_history_gets_the_safe_space():
     # no history used to plan map_reduce over the one chunk there was.
     wrong = QueryProfile(Complexity.HIGH, True, 1, (30, 50), confidence=0.8)
     for profile in (fallback_profile(), wrong):
-        space = Planner().plan(profile, 30)
+        space = PlanPruner().plan(profile, 30)
         assert not space.from_history
         assert [str(p) for p in space.plans] == ["stuff:1", "stuff:2", "stuff:3"]
         assert space.fallback is Method.STUFF
-    assert [str(p) for p in Planner().plan(wrong, 1).plans] == ["stuff:1"]
+    assert [str(p) for p in PlanPruner().plan(wrong, 1).plans] == ["stuff:1"]
 
 
 def test_degenerate_plans_are_never_offered():
@@ -165,7 +165,7 @@ def test_degenerate_plans_are_never_offered():
 
 
 def test_union_respects_the_current_collection_size():
-    planner = Planner()
+    planner = PlanPruner()
     planner.plan(make_profile("high", False, pieces=5), 30)          # map_rerank 5..15
     space = planner.plan(make_profile(confidence=0.1), max_chunks=8)
     assert chunk_counts(space.plans) == [5, 6, 7, 8]
@@ -176,5 +176,5 @@ def test_threshold_is_configurable():
     gate = ConfidenceGate(threshold=0.5, history_size=2)
     assert gate.is_confident(make_profile(confidence=0.6))
     assert not gate.is_confident(make_profile(confidence=0.4))
-    planner = Planner(PlannerRules(confidence_threshold=0.5))
+    planner = PlanPruner(PlannerRules(confidence_threshold=0.5))
     assert not planner.plan(make_profile(confidence=0.6), 30).from_history
