@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from ragserve.config import Config, EngineConfig, MetisConfig, SynthesisConfig, TunedConfig
 from ragserve.controller import Controller
 from ragserve.domain import LLMCall, Method, RagPlan
-from ragserve.metis.quality import QualityModel, feature_rows
+from ragserve.metis.quality import QualityModel
 from ragserve.retrieval.ingest import Retriever
 from tests.conftest import shared_embedder
 
@@ -26,14 +25,8 @@ QUESTION = "When did the 1973 oil crisis begin?"
 
 
 def more_chunks_model() -> QualityModel:
-    """Fitted on rows where stuff:3 scores 0.1 above stuff:1 whatever the query: a stump, which
-    can only split on what differs between the rows, the plan."""
-    from sklearn.tree import DecisionTreeRegressor
-
-    retrieval = {"scores": [0.6, 0.5, 0.4], "doc_ids": ["a", "b", "c"], "tokens": [200, 200, 200]}
-    x = feature_rows(QUESTION, retrieval, GRID)
-    est = DecisionTreeRegressor(max_depth=1).fit(np.vstack([x, x]), [0.4, 0.5, 0.4, 0.5])
-    return QualityModel(est, {"grid": [str(p) for p in GRID]})
+    """Plan means only (no per-query adjustment): stuff:3 scores 0.1 above stuff:1."""
+    return QualityModel(None, {"grid": [str(p) for p in GRID], "plan_means": {"stuff:1": 0.4, "stuff:3": 0.5}})
 
 
 def test_plans_shrink_as_the_queue_grows_and_grow_back_when_it_drains(small_squad):
