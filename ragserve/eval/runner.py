@@ -89,6 +89,12 @@ def result_row(system: System, spec: DatasetSpec, question: dict[str, Any], arri
             "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
             "num_calls": result.num_calls, "reason": d.get("reason"), "profile": d.get("profile"),
             "from_history": d.get("from_history"), "kv_free_tokens": d.get("kv_free_tokens"),
+            # where the wait went (scheduler admission vs the engine's queue) and the planner's
+            # own estimate of the plan's service time, against what it took
+            "admission_s": d.get("admission_s"),
+            "engine_queue_s": None if d.get("admission_s") is None else round(t.queue_s - d["admission_s"], 4),
+            "est_service_s": (d.get("cost") or {}).get("est_latency_s"),
+            "service_s": round(max(0.0, t.total_s - t.queue_s - t.profile_s - t.retrieve_s), 4),
             "error": None}
 
 

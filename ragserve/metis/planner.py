@@ -93,7 +93,8 @@ class MetisPlanner:
         if self.feedback.record_query():
             self._spawn(self._golden_run(question, collection, hits, profile))
         details = {"profile": profile.to_dict(), **space.to_dict(), "reason": decision.reason.value,
-                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict()}
+                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict(),
+                   "admission_s": round(decision.wait_s, 4)}
         return Decision(decision.plan, queue_s=decision.wait_s, profile_s=profile_s, details=details,
                         job_id=job.id)
 

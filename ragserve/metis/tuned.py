@@ -73,7 +73,7 @@ class TunedPlanner(MetisPlanner):
         job = Job(f"q{next(self._ids)}", tuple(plans), Method.STUFF, tuple(counts),
                   self.engine.count_tokens(question), slo_s=slo_s, qualities=tuple(qualities))
         decision = await self._admit(job)
-        details = {"planner": "tuned", "reason": decision.reason.value,
+        details = {"planner": "tuned", "reason": decision.reason.value, "admission_s": round(decision.wait_s, 4),
                    "predicted_quality": {str(p): round(q, 4) for p, q in zip(plans, qualities)},
                    "backlog_s": round(decision.backlog_s, 3), "kv_free_tokens": decision.kv_free_tokens,
                    "cost": decision.cost.to_dict(), "predict_ms": round(1000 * predict_s, 3),
