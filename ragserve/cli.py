@@ -64,13 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="replay a Poisson workload of a dataset against fixed/adaptive/metis systems")
     _eval_common(e)
     e.add_argument("--systems", default="fixed,adaptive,metis",
-                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend")
+                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend, tuned")
     e.add_argument("--grid", help="fixed plans, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default map_rerank:4,stuff:2,stuff:6,map_reduce:4:32)")
     e.add_argument("--rate", default="auto",
                    help="arrivals per second (Poisson), inf (all at once) or auto (1.5x the measured "
                         "one-at-a-time service rate of stuff:4; default)")
     e.add_argument("--learned", help="learned profiler directory for adaptive/metis (default: the LLM profiler)")
+    e.add_argument("--quality", action="append", default=[],
+                   help="tuned: tuning sweep dir(s) of this dataset to cross-fit the quality model on "
+                        "(repeatable); queries in the sweep are planned by a fold model that never saw them")
+    e.add_argument("--questions-from", help="evaluate exactly the questions of this tuning sweep dir (the "
+                                            "simulator's validation: same queries as its records)")
     e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
     e.add_argument("--no-resume", action="store_true",
                    help="run every system again; by default systems finished earlier under --out "
@@ -88,11 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--server-url", help="ragserve server the explorer queries (default http://127.0.0.1:8000)")
 
     t = sub.add_parser("tune", help="offline plan sweep (tune) or fit the learned profiler (tune train-profiler DIR)")
-    t.add_argument("action", nargs="?", choices=["sweep", "train-profiler"], default="sweep")
-    t.add_argument("profiles", nargs="*", help="train-profiler: tuning profile dir(s), e.g. profiles/qwen/squad")
+    t.add_argument("action", nargs="?", choices=["sweep", "train-profiler", "train-quality"], default="sweep")
+    t.add_argument("profiles", nargs="*", help="train-profiler / train-quality: tuning profile dir(s), "
+                                              "e.g. profiles/qwen/squad")
     _eval_common(t, required=False)
     t.add_argument("--grid", help="plans to sweep, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
+    t.add_argument("--collection", help="tune a collection of your own (no gold answers): label each plan by "
+                                        "agreement with the golden plan's answer; needs --questions")
+    t.add_argument("--questions", help="with --collection: questions, one per line (or JSONL with \"question\")")
+    t.add_argument("--concurrency", type=int, default=4, help="(query, plan) cells run at once (default 4)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
     return p
@@ -267,15 +277,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             rate=rate, out=Path(args.out), seed=args.seed, corpus_limit=args.corpus_limit,
                             doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
                             progress=not args.no_progress, command=_command_line(args), grid=grid,
-                            resume=not args.no_resume)
+                            resume=not args.no_resume, quality=tuple(args.quality),
+                            question_ids=_sweep_ids(args.questions_from))
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1
 
 
+def _sweep_ids(profile_dir: str | None) -> tuple[str, ...]:
+    if not profile_dir:
+        return ()
+    from ragserve.eval.tuning import read_meta
+
+    return tuple(read_meta(profile_dir).query_ids)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from ragserve.errors import BadInput
 
+    if args.action == "train-quality":
+        from ragserve.eval.quality_training import train_quality
+
+        if not args.profiles:
+            raise BadInput("train-quality needs tuning profile dir(s), e.g. ragserve tune train-quality "
+                           "profiles/qwen/squad")
+        target = args.out or str(Path(args.profiles[0]) / "quality")
+        report = train_quality(args.profiles, target, datasets_root=args.datasets_dir,
+                               progress=not args.no_progress)
+        print(f"quality model saved to {target} ({report['num_queries']} queries; cross-fitted selection:)")
+        print(json.dumps(report, indent=2))
+        return 0
     if args.action == "train-profiler":
         from ragserve.eval.training import train_profiler
 
@@ -292,6 +323,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.profiles:
         raise BadInput(f"unexpected arguments {args.profiles}; did you mean: ragserve tune train-profiler DIR")
+    if args.collection or args.questions:
+        return _tune_collection(args)
     if not args.dataset:
         raise BadInput("tune needs --dataset (squad | 2wikimultihopqa | qmsum | financebench)")
     config = _eval_config(args)
@@ -303,6 +336,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             command=_command_line(args), holdout=args.holdout)
     run_tune(settings, config)
     print((out / "summary.md").read_text())
+    return 0
+
+
+def _tune_collection(args: argparse.Namespace) -> int:
+    from ragserve.errors import BadInput
+    from ragserve.eval.golden import GOLDEN_GRID, run_collection_tune
+    from ragserve.eval.systems import parse_grid
+    from ragserve.retrieval.store import Collection
+    from ragserve.metis.tuned import QUALITY_DIR
+
+    if not (args.collection and args.questions):
+        raise BadInput("tuning a collection needs both --collection NAME and --questions FILE")
+    if args.dataset:
+        raise BadInput("--dataset and --collection are exclusive: a dataset sweep scores against gold answers")
+    col = Collection.open(args.collection)
+    grid = parse_grid(args.grid) if args.grid else GOLDEN_GRID
+    out = Path(args.out) if args.out else col.path / "tune"
+    report = run_collection_tune(args.collection, args.questions, grid, out, col.path / QUALITY_DIR,
+                                 _eval_config(args), concurrency=args.concurrency)
+    print(f"tuned {args.collection}: {report['records']} records in {out}; quality model in {report['model_dir']} "
+          "(ragserve query/serve now plan this collection with it)")
+    print(json.dumps(report["quality"], indent=2))
     return 0
 
 

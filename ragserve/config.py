@@ -129,6 +129,39 @@ class MetisConfig:
     a larger model on vLLM) instead of the serving engine. None = the serving engine."""
 
 
+PLANNERS = ("auto", "tuned", "metis")
+
+
+@dataclass(frozen=True)
+class TunedConfig:
+    """The tuned controller (ragserve/tuned.py) and its decision rule (ragserve/decide.py)."""
+
+    planner: str = "auto"
+    """Who plans queries without a fixed plan: auto (tuned where the collection has a quality
+    model, METIS' rules elsewhere) | tuned (same as auto) | metis (METIS everywhere)."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Quality model directory per collection; default <collection dir>/quality when present."""
+    time_value: float = 0.01
+    """Quality (0-1 points) given up for one second of service on an idle engine; under load a
+    second costs (1 + backlog / cheapest service) times as much."""
+    slack: float = 2.0
+    """Without an SLO the latency budget is the cheapest candidate's predicted completion x slack."""
+    tie: float = 0.005
+    """Scores closer than this are a tie, broken toward the faster plan."""
+
+    def __post_init__(self) -> None:
+        if self.planner not in PLANNERS:
+            raise ConfigError(f"tuned.planner={self.planner!r} must be one of: {', '.join(PLANNERS)}")
+        if not isinstance(self.models, dict):
+            raise ConfigError(f"tuned.models must map collection names to directories, got {self.models!r}")
+        if not isinstance(self.time_value, (int, float)) or self.time_value < 0:
+            raise ConfigError(f"tuned.time_value={self.time_value!r} must be a number >= 0")
+        if not isinstance(self.slack, (int, float)) or self.slack < 1:
+            raise ConfigError(f"tuned.slack={self.slack!r} must be a number >= 1 (1 = always the cheapest plan)")
+        if not isinstance(self.tie, (int, float)) or self.tie < 0:
+            raise ConfigError(f"tuned.tie={self.tie!r} must be a number >= 0")
+
+
 @dataclass(frozen=True)
 class BlendConfig:
     """CacheBlend in the embedded engine: reuse stored chunk KV, recompute a few tokens."""
@@ -383,6 +416,7 @@ class Config:
     blend: BlendConfig = field(default_factory=BlendConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     metis: MetisConfig = field(default_factory=MetisConfig)
+    tuned: TunedConfig = field(default_factory=TunedConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Mapping
 
 
 class Method(str, Enum):
@@ -96,6 +96,62 @@ class LLMResult:
 
 
 @dataclass(frozen=True)
+class EngineSpeeds:
+    """Measured speed of an engine, carried in `EngineStats.speeds`: the cost model's only time
+    input. Model (continuous batching on one device):
+
+        prefill_s(tokens)    = tokens / prefill_tok_s
+        decode_step_s(batch) = step_base_s + step_per_row_s * (batch - 1)
+        output tokens of a call with tag t = the recent mean of that tag's calls, capped by
+        its max_tokens (answers run far below their cap: squad ~8 of 64 tokens)
+    """
+
+    prefill_tok_s: float            # prompt tokens per second (batched prefill, recent mean)
+    step_base_s: float              # one decode step at batch 1
+    step_per_row_s: float           # what each further row in the batch adds to a step
+    num_prefills: int = 0           # measurements behind the figures (0 = the prior)
+    num_steps: int = 0
+    # Mean output tokens per call tag ("answer", "map", "reduce", ...), measured.
+    output_tokens: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.prefill_tok_s <= 0 or self.step_base_s <= 0 or self.step_per_row_s < 0:
+            raise ValueError(f"speeds prefill_tok_s={self.prefill_tok_s} step_base_s={self.step_base_s} "
+                             f"step_per_row_s={self.step_per_row_s}: rates must be > 0, the slope >= 0")
+
+    def prefill_s(self, tokens: float) -> float:
+        return tokens / self.prefill_tok_s
+
+    def decode_step_s(self, batch: float) -> float:
+        return self.step_base_s + self.step_per_row_s * max(0.0, batch - 1)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second of one call decoding alone."""
+        return 1.0 / self.step_base_s
+
+    def expected_output(self, tag: str, cap: int) -> float:
+        """Expected output tokens of a call with `tag` and `max_tokens=cap` (the cap when
+        nothing was measured for that tag)."""
+        mean = self.output_tokens.get(tag)
+        return float(cap) if mean is None else min(float(cap), max(1.0, mean))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefill_tok_s": round(self.prefill_tok_s, 2),
+                "decode_tok_s": round(self.decode_tok_s, 3),
+                "step_base_s": round(self.step_base_s, 5), "step_per_row_s": round(self.step_per_row_s, 5),
+                "num_prefills": self.num_prefills, "num_steps": self.num_steps,
+                "output_tokens": {k: round(v, 2) for k, v in sorted(self.output_tokens.items())}}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "EngineSpeeds":
+        return cls(prefill_tok_s=float(raw["prefill_tok_s"]), step_base_s=float(raw["step_base_s"]),
+                   step_per_row_s=float(raw["step_per_row_s"]), num_prefills=int(raw.get("num_prefills", 0)),
+                   num_steps=int(raw.get("num_steps", 0)),
+                   output_tokens={str(k): float(v) for k, v in (raw.get("output_tokens") or {}).items()})
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A load snapshot. The embedded engine and vLLM (from /metrics) fill the same one."""
 
@@ -105,6 +161,12 @@ class EngineStats:
     num_waiting: int          # calls queued for KV
     kv_bytes_per_token: int = 0
     age_s: float = 0.0        # staleness of the snapshot (scraped engines)
+    speeds: EngineSpeeds | None = None   # measured speed; None = not measured (priors apply)
+    # Work the engine already holds, for "load in time": prompt tokens still to prefill
+    # (waiting + admitted but not yet prefilled), and decode steps left for the running batch
+    # at the calls' expected output lengths (the longest running call decides).
+    queued_prefill_tokens: int = 0
+    decode_steps_left: int = 0
 
     @property
     def kv_free_tokens(self) -> int:

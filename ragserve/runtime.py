@@ -50,8 +50,8 @@ class Runtime:
 
 
 def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
-    """Engine + retriever + controller. With `metis`, queries without a plan are planned by
-    METIS; without, they run DEFAULT_PLAN."""
+    """Engine + retriever + controller. With `metis`, queries without a plan are planned (the
+    tuned controller, or METIS per `tuned.planner`); without, they run DEFAULT_PLAN."""
     from ragserve.metis.planner import MetisPlanner
 
     if config.engine.backend == "vllm":
@@ -69,6 +69,12 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
     retriever = Retriever(embedder)
-    planner = MetisPlanner(engine, config, learned=learned) if metis else None
+    planner = None
+    if metis and config.tuned.planner == "metis":
+        planner = MetisPlanner(engine, config, learned=learned)
+    elif metis:   # tuned where a collection has a quality model, METIS' rules elsewhere
+        from ragserve.metis.tuned import TunedPlanner
+
+        planner = TunedPlanner(engine, config, learned=learned)
     controller = Controller(engine, retriever, config, planner=planner, default_plan=DEFAULT_PLAN)
     return Runtime(config, controller, engine, retriever, planner)

@@ -74,6 +74,16 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         reasons = Counter(r.get("reason") for r in ok if r.get("reason"))
         if reasons:
             out["reasons"] = dict(reasons)
+        timed = [r for r in ok if r.get("est_service_s") and r.get("service_s")]
+        if timed:   # the cost model's service-time estimate vs the service the plan got
+            errors = [abs(r["est_service_s"] - r["service_s"]) / r["service_s"] for r in timed]
+            out["service_estimate"] = {"n": len(timed), "median_abs_rel_error": _r(percentile(errors, 50)),
+                                       "mean_est_s": _r(_mean([r["est_service_s"] for r in timed])),
+                                       "mean_actual_s": _r(_mean([r["service_s"] for r in timed]))}
+        waits = [r for r in ok if r.get("admission_s") is not None]
+        if waits:
+            out["wait_split_s"] = {"admission": _r(_mean([r["admission_s"] for r in waits])),
+                                   "engine_queue": _r(_mean([r["engine_queue_s"] for r in waits]))}
     else:
         out["throughput_qps"] = None
     return out

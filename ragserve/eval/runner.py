@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.domain import Method, QueryResult, RagPlan
-from ragserve.errors import RagServeError
+from ragserve.errors import BadInput, RagServeError
 from ragserve.eval import checkpoint
 from ragserve.eval.datasets import (DatasetSpec, apply_dataset_settings, ensure_collection, get_spec,
                                     load_questions, query_filters, score)
@@ -59,6 +59,8 @@ class EvalSettings:
     command: str = ""                  # the exact command line, for the report
     grid: tuple[RagPlan, ...] = ()     # the fixed grid the `fixed` systems came from (report only)
     resume: bool = True                # reuse systems already finished under `out` (eval/checkpoint.py)
+    quality: tuple[str, ...] = ()      # sweep dirs the tuned system's quality model is cross-fitted on
+    question_ids: tuple[str, ...] = () # exactly these questions (e.g. a sweep's, to validate the simulator)
 
 
 @dataclass
@@ -89,6 +91,12 @@ def result_row(system: System, spec: DatasetSpec, question: dict[str, Any], arri
             "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
             "num_calls": result.num_calls, "reason": d.get("reason"), "profile": d.get("profile"),
             "from_history": d.get("from_history"), "kv_free_tokens": d.get("kv_free_tokens"),
+            # where the wait went (scheduler admission vs the engine's queue) and the planner's
+            # own estimate of the plan's service time, against what it took
+            "admission_s": d.get("admission_s"),
+            "engine_queue_s": None if d.get("admission_s") is None else round(t.queue_s - d["admission_s"], 4),
+            "est_service_s": (d.get("cost") or {}).get("est_latency_s"),
+            "service_s": round(max(0.0, t.total_s - t.queue_s - t.profile_s - t.retrieve_s), 4),
             "error": None}
 
 
@@ -221,6 +229,11 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
             continue
         try:
             learned = _load_learned(cfg, rt.retriever.embedder)
+            quality = None
+            if settings.quality and any(s.kind == "tuned" for s in runnable):
+                from ragserve.eval.quality_training import CrossFitModel
+
+                quality = {collection: CrossFitModel(settings.quality, datasets_root=settings.datasets_root)}
             plain = Controller(rt.engine, rt.retriever, cfg, default_plan=CALIBRATION_PLAN)
             for item in workload.items[: max(0, settings.warmup)]:   # untimed: one-off costs
                 q = item.question
@@ -238,7 +251,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 if system.name in saved:
                     runs.append(saved[system.name])
                     continue
-                planner = make_planner(system, rt.engine, cfg, learned)
+                planner = make_planner(system, rt.engine, cfg, learned, quality)
                 controller = Controller(rt.engine, rt.retriever, cfg, planner=planner)
                 try:
                     run = await run_system(controller, system, workload, collection, spec,
@@ -249,6 +262,9 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 if isinstance(planner, MetisPlanner):
                     p = planner.stats()
                     run.extra["scheduler"] = {"plans": p.plans, "reasons": p.reasons}
+                speeds = rt.engine.stats().speeds
+                if speeds is not None:   # this machine's measured speed, for the simulator
+                    run.extra["engine_speeds"] = speeds.to_dict()
                 if blend and hasattr(rt.engine, "blend_counters"):
                     run.extra["blend"] = dict(rt.engine.blend_counters)
                 checkpoint.save_system(settings.out, _system_key(keys.of(system), workload), system.name, run.rows,
@@ -264,6 +280,12 @@ def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) 
     """The seeded sample; any of `exclude_ids` (a learned profiler's training queries) it draws
     is replaced by a further seeded draw (`sample_questions`)."""
     rows = load_questions(settings.dataset, settings.datasets_root)
+    if settings.question_ids:
+        by_id = {r["id"]: r for r in rows}
+        unknown = [i for i in settings.question_ids if i not in by_id]
+        if unknown:
+            raise BadInput(f"{len(unknown)} question id(s) are not in {settings.dataset}, e.g. {unknown[0]!r}")
+        rows = [by_id[i] for i in settings.question_ids]
     left = sum(1 for r in rows if r["id"] not in exclude_ids)
     if left < settings.num:
         logger.warning("%s: only %d questions left after excluding %d training queries (asked for %d)",
@@ -288,15 +310,16 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
     ingest_s = time.perf_counter() - t0
     config = apply_dataset_settings(config, spec, corpus.collection)
-    def key(cfg: Config) -> str:
+    def key(cfg: Config, quality: tuple[str, ...] = ()) -> str:
+        extra = {"quality": list(quality)} if quality else {}   # keys saved before it stay valid
         return checkpoint.workload_key({
-            "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
+            **extra, "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
             "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
             "queries": [(i.question["id"], i.arrival_s) for i in workload.items]})
 
     # Fixed plans and the calibration never profile: their key leaves the learned profiler out,
     # so a run that adds one reuses the fixed systems saved by the same workload without it.
-    keys = _Keys(profiled=key(config),
+    keys = _Keys(profiled=key(config, settings.quality),
                  plain=key(replace(config, metis=replace(config.metis, learned_profiler=None))))
     runs, unavailable, info = asyncio.run(_run_all(settings, config, spec, workload, corpus.collection, keys))
     meta = {

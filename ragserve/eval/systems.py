@@ -6,6 +6,9 @@
                   for quality only: it never looks at the engine's load (`AdaptivePlanner`)
     metis         the controller's METIS planner (profile -> prune -> best fit under free KV)
     metis+blend   metis on an engine that reuses chunk KV (CacheBlend, `blend.enabled`)
+    tuned         the tuned controller (ragserve/tuned.py): predicted quality per plan from a
+                  quality model (`--quality SWEEP_DIR`, cross-fitted so no query is planned by
+                  a model that saw it) against measured service time and load
 
 A fixed system has no planner (the plan is passed with each query); the others implement
 the controller's `QueryPlanner` protocol. Systems are only descriptions here; the runner builds
@@ -30,7 +33,7 @@ from ragserve.metis.rules import prune
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("fixed", "adaptive", "metis", "metis+blend")
+KINDS = ("fixed", "adaptive", "metis", "metis+blend", "tuned")
 
 # The fixed grid of `fixed`: one plan per method at a small and a larger size, sized for
 # CPU engines: map_reduce with long summaries costs minutes per query on a CPU under load,
@@ -82,7 +85,7 @@ def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> li
             out.append(System(item, item))
         else:
             raise BadInput(f"unknown system {item!r}; choose from fixed, fixed:<plan>, adaptive, "
-                           "metis, metis+blend")
+                           "metis, metis+blend, tuned")
     names = [s.name for s in out]
     if not out or len(set(names)) != len(names):
         raise BadInput(f"systems {text!r} must name at least one system, each once")
@@ -107,11 +110,19 @@ def system_config(system: System, config: Config) -> Config:
 
 
 def make_planner(system: System, engine: Any, config: Config,
-                 learned: LearnedProfiler | None = None) -> Any:
+                 learned: LearnedProfiler | None = None, quality: dict[str, Any] | None = None) -> Any:
     """The controller planner of `system` (None for a fixed plan), set up as `serve` sets
-    up METIS: the same rules, cost model and LLM profiler (metis.profiler_endpoint)."""
+    up METIS: the same rules, cost model and LLM profiler (metis.profiler_endpoint);
+    `quality`: quality models by collection for `tuned`."""
     if system.kind == "fixed":
         return None
+    if system.kind == "tuned":
+        from ragserve.metis.tuned import TunedPlanner
+
+        if not quality:
+            raise BadInput("system tuned needs a quality model: pass --quality SWEEP_DIR (a ragserve tune "
+                           "profile of this dataset and model)")
+        return TunedPlanner(engine, config, models=quality, learned=learned)
     if system.kind == "adaptive":
         return AdaptivePlanner(engine, config, learned)
     return MetisPlanner(engine, config, learned=learned)

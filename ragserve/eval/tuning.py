@@ -73,9 +73,14 @@ class TuneRecord:
     num_calls: int = 0
     answer: str = ""
     error: str | None = None     # set when the query failed; such records never win
+    # What retrieval found for the query (ragserve.metis.quality.retrieval_summary): the quality
+    # model's retrieval features. None in sweeps recorded before it was kept.
+    retrieval: dict[str, list] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.retrieval is None:
+            del out["retrieval"]
         out["plan"] = self.plan.to_dict()
         out["plan_str"] = str(self.plan)
         return out

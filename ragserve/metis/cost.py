@@ -17,9 +17,12 @@ KV is counted the same way:
                                                       (the last call: out A)
 
 `kv_budget_tokens` adds METIS' 2% buffer against OOM; it is what must fit the free KV.
-Latency: per sequential round, prefill(sum of the round's prompts) / prefill rate +
-max output of the round / decode rate (a round's calls decode as one batch, one token per
-call per step). Rates are parameters so they can be calibrated on the engine.
+Time (`est_latency_s`, the plan's own service time on the engine): per sequential round,
+prefill(sum of the round's prompts) + expected output of the round x decode step time at the
+batch it decodes in (the rows already running plus the round's calls). With measured
+`EngineSpeeds` (from the engine's stats) prefill rate, step time and the expected output per
+call tag are the engine's recent figures; without them the config's prior rates and the
+output caps (a worst case). Outputs feed the next round at their expected length too.
 With CacheBlend a stuff call prefills only `blend_prefill_fraction` of its chunk tokens (the
 KV held is unchanged), so its estimated latency drops and an SLO admits larger stuff plans.
 """
@@ -29,7 +32,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
-from ragserve.domain import Method, ModelSpec, RagPlan
+from ragserve.domain import EngineSpeeds, Method, ModelSpec, RagPlan
 from ragserve.errors import BadInput, ConfigError
 
 # Enum member lookups are slow on the class; the pricing loop compares against these.
@@ -50,9 +53,9 @@ class CostConfig:
     default_intermediate_tokens: int = 64
     """Intermediate cap when a map_reduce/refine plan gives none."""
     prefill_tok_s: float = 2000.0
-    """Prompt tokens per second (SmolLM2-class on CPU)."""
+    """Prior prompt tokens per second, used until the engine has measured its own."""
     decode_tok_s: float = 20.0
-    """Decode steps per second; a batch decodes one token per call per step."""
+    """Prior decode steps per second at batch 1, used until the engine has measured its own."""
     kv_buffer: float = 0.02
     """Safety margin on the KV estimate (METIS: 2%)."""
     blend_prefill_fraction: float = 1.0
@@ -99,18 +102,29 @@ class PlanCost(NamedTuple):
 
 
 class CostModel:
-    def __init__(self, model: ModelSpec, config: CostConfig | None = None) -> None:
+    def __init__(self, model: ModelSpec, config: CostConfig | None = None,
+                 speeds: EngineSpeeds | None = None, running_rows: int = 0) -> None:
+        """`speeds`: the engine's measured speeds (None: the config's priors and output caps);
+        `running_rows`: calls already decoding, which every new round's steps share."""
         self.model = model
         self.config = config or CostConfig()
         self.bytes_per_token = model.kv_bytes_per_token
+        self.speeds = speeds or prior_speeds(self.config)
+        self.measured = speeds is not None
+        self.running_rows = running_rows
+
+    def timed(self, speeds: EngineSpeeds | None, running_rows: int = 0) -> "CostModel":
+        """A copy that prices time with `speeds` (an engine stats snapshot's) at `running_rows`."""
+        return CostModel(self.model, self.config, speeds, running_rows)
 
     def calibrated(self, *, prefill_tok_s: float | None = None,
                    decode_tok_s: float | None = None) -> "CostModel":
-        """A copy with measured rates (None keeps the current one)."""
-        cfg = replace(self.config,
-                      prefill_tok_s=prefill_tok_s or self.config.prefill_tok_s,
-                      decode_tok_s=decode_tok_s or self.config.decode_tok_s)
-        return CostModel(self.model, cfg)
+        """A copy with the given rates (None keeps the current one)."""
+        s = self.speeds
+        step = 1.0 / decode_tok_s if decode_tok_s else s.step_base_s
+        speeds = EngineSpeeds(prefill_tok_s or s.prefill_tok_s, step, s.step_per_row_s * step / s.step_base_s,
+                              s.num_prefills, s.num_steps, s.output_tokens)
+        return CostModel(self.model, self.config, speeds, self.running_rows)
 
     def estimate(self, plan: RagPlan, chunk_token_counts: Sequence[int], question_tokens: int,
                  *, overhead_tokens_per_call: int | None = None,
@@ -140,7 +154,8 @@ class CostModel:
         inter = plan.intermediate_tokens or cfg.default_intermediate_tokens
         total_chunks, largest = chunks.total[n], chunks.largest[n]
         method = plan.method
-        prefill, decode = cfg.prefill_tok_s, cfg.decode_tok_s
+        sp, rows = self.speeds, self.running_rows
+        rate = sp.prefill_tok_s
         # Straight-line per method (the scheduler prices hundreds of plans per query).
         if method is _STUFF:
             prompt = base + total_chunks
@@ -148,13 +163,14 @@ class CostModel:
             num_calls, num_rounds, output = 1, 1, ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
             work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
-            latency = work / prefill + ans / decode
+            latency = work / rate + sp.expected_output("stuff", ans) * sp.decode_step_s(rows + 1)
         elif method is _MAP_RERANK:
             prompt = n * base + total_chunks
             kv = prompt + n * ans                       # the fan-out is resident together
             max_call = base + largest + ans
             num_calls, num_rounds, output = n, 1, n * ans
-            latency = prompt / prefill + ans / decode   # one batch: decode steps = max output
+            # one batch: it decodes until its longest answer ends
+            latency = prompt / rate + sp.expected_output("map_rerank", ans) * sp.decode_step_s(rows + n)
         elif method is _MAP_REDUCE:
             maps = n * base + total_chunks
             reduce_prompt = base + n * (inter + chunks.per_chunk)   # summaries, as passages
@@ -162,7 +178,10 @@ class CostModel:
             max_call = max(base + largest + inter, reduce_prompt + ans)
             prompt = maps + reduce_prompt
             num_calls, num_rounds, output = n + 1, 2, n * inter + ans
-            latency = (maps / prefill + inter / decode) + (reduce_prompt / prefill + ans / decode)
+            summary = sp.expected_output("map", inter)
+            reduce_work = reduce_prompt - n * (inter - summary)   # summaries at their expected length
+            latency = (maps / rate + summary * sp.decode_step_s(rows + n)
+                       + reduce_work / rate + sp.expected_output("reduce", ans) * sp.decode_step_s(rows + 1))
         elif method is _REFINE:
             # each call sees the previous answer (capped at I); the last one writes the answer
             outs = [inter] * (n - 1) + [ans]
@@ -170,7 +189,10 @@ class CostModel:
             kv = max_call = max(p + o for p, o in zip(prompts, outs))
             prompt = sum(prompts)
             num_calls, num_rounds, output = n, n, sum(outs)
-            latency = prompt / prefill + output / decode
+            step = sp.decode_step_s(rows + 1)
+            mid = sp.expected_output("refine", inter)
+            last = sp.expected_output("refine", ans)
+            latency = prompt / rate + ((n - 1) * mid + last) * step
         else:  # pragma: no cover - Method is closed
             raise AssertionError(method)
         if method is not _STUFF:
@@ -178,6 +200,12 @@ class CostModel:
         budget = math.ceil(round(kv * (1.0 + cfg.kv_buffer), 6))  # round: 100*1.02 != 102.0
         return PlanCost(prompt, output, kv, budget, budget * self.bytes_per_token, max_call,
                         num_calls, num_rounds, latency, work)
+
+
+def prior_speeds(config: CostConfig) -> EngineSpeeds:
+    """Speeds from the config's prior rates, before any measurement: outputs at their caps."""
+    step = 1.0 / config.decode_tok_s
+    return EngineSpeeds(config.prefill_tok_s, step, 0.0)
 
 
 class _RankedChunks:

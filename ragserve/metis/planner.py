@@ -115,12 +115,14 @@ class MetisPlanner:
         planner = self._planners.setdefault(collection.name, PlanPruner(self.rules))
         space = planner.plan(profile, len(hits))
         counts, question_tokens = await self._token_counts(collection, hits, question)
+        self.retime()
         job = Job.from_space(f"q{next(self._ids)}", space, counts, question_tokens, slo_s=slo_s)
         decision = await self._admit(job)
         if self.feedback.record_query():
             self._spawn(self._golden_run(question, collection, hits, profile))
         details = {"profile": profile.to_dict(), **space.to_dict(), "reason": decision.reason.value,
-                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict()}
+                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict(),
+                   "admission_s": round(decision.wait_s, 4)}
         return Decision(decision.plan, queue_s=decision.wait_s, profile_s=profile_s, details=details,
                         job_id=job.id)
 
@@ -143,6 +145,13 @@ class MetisPlanner:
                             ) -> tuple[list[int], int]:
         return await prompt_token_counts(self.engine, collection, hits, question,
                                          self.cost.config.overhead_tokens_per_chunk)
+
+    def retime(self) -> EngineStats:
+        """Price the next job's candidates at the engine's measured speed and running batch
+        now; returns the snapshot used."""
+        stats = self.engine.stats()
+        self.scheduler.cost_model = self.cost.timed(stats.speeds, stats.num_running)
+        return stats
 
     def effective_stats(self) -> EngineStats:
         stats = self.engine.stats()

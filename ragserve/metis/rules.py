@@ -183,9 +183,27 @@ class PlannerRules:
         return tuple(sorted({round(lo + i * (hi - lo) / (k - 1)) for i in range(k)}))
 
 
+def degenerate(plan: RagPlan) -> bool:
+    """map_reduce or refine over one chunk: a summary of the only passage, then an answer from
+    that summary. It can only lose what a stuff call over the same chunk keeps."""
+    return plan.method in _INTERMEDIATE_METHODS and plan.num_chunks < 2
+
+
+# Below the confidence gate with no confident history yet, nothing about the query is
+# trusted: stuff over the top chunks is the plan that degrades least when the profile is
+# wrong (a one-fact question still gets its chunk; a multi-hop one gets a few).
+SAFE_METHOD = Method.STUFF
+SAFE_MAX_CHUNKS = 3
+
+
+def safe_plans(max_chunks: int) -> list[RagPlan]:
+    return [RagPlan(SAFE_METHOD, n) for n in range(1, min(SAFE_MAX_CHUNKS, max_chunks) + 1)]
+
+
 def prune(profile: QueryProfile, rules: PlannerRules, max_chunks: int) -> list[RagPlan]:
     """The quality-safe plans for `profile`: by method (rule order), chunks, intermediate
-    length. `max_chunks` = chunks available."""
+    length. `max_chunks` = chunks available. Degenerate plans (`degenerate`) are never
+    offered; a profile whose methods leave nothing else gets stuff over its chunk range."""
     if max_chunks < 1:
         raise BadInput(f"max_chunks={max_chunks}: the collection returned no chunks to plan over")
     lo, hi = rules.chunk_range(profile.pieces, max_chunks)
@@ -194,10 +212,11 @@ def prune(profile: QueryProfile, rules: PlannerRules, max_chunks: int) -> list[R
     for method in dict.fromkeys(rules.methods_for(profile)):   # de-duplicated, in order
         for n in range(lo, hi + 1):
             if method in _INTERMEDIATE_METHODS:
-                plans.extend(RagPlan(method, n, t) for t in inter)
+                if n >= 2:
+                    plans.extend(RagPlan(method, n, t) for t in inter)
             else:
                 plans.append(RagPlan(method, n))
-    return plans
+    return plans or [RagPlan(SAFE_METHOD, n) for n in range(lo, hi + 1)]
 
 
 class ConfidenceGate:
@@ -261,8 +280,8 @@ class PlanPruner:
             self.gate.record(pruned)
             return PlanSpace(tuple(pruned), fallback_method(profile), False, profile)
         recent = self.gate.union(max_chunks)
-        if not recent:   # nothing trusted yet: the profile's own space is all there is
-            return PlanSpace(tuple(pruned), fallback_method(profile), False, profile)
+        if not recent:   # nothing trusted yet, the profile included: the safe space
+            return PlanSpace(tuple(safe_plans(max_chunks)), SAFE_METHOD, False, profile)
         # The profile's joint_reasoning is not trusted either: take the fallback from the
         # union (stuff if it offers any joint-reasoning method).
         joint = any(p.method is not Method.MAP_RERANK for p in recent)

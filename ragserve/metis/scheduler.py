@@ -18,6 +18,10 @@ Choice for one job, given the free KV tokens F left at its turn:
    as many chunks as fit (and meet the SLO, if any), at most the candidates' largest count;
 4. otherwise the job waits.
 
+A job that carries predicted qualities (the tuned controller) is chosen by `ragserve.metis.decide` instead:
+predicted quality against predicted completion (backlog + service seconds) over the
+candidates that fit F; each admission adds its prefill to the backlog the next job sees.
+
 Admissions consume F within the step, so two jobs never take the same free memory.
 Order: FCFS stops at the first job that cannot run, so a large job at the head is never
 starved by smaller ones behind it (they wait too). SJF orders by the job's smallest
@@ -35,11 +39,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence
 
+from ragserve.config import TunedConfig
 from ragserve.domain import EngineStats, Method, RagPlan
 from ragserve.errors import AdmissionRejected, BadInput, ConfigError, NoFeasiblePlan
 from ragserve.metis.cost import CostModel, PlanCost
 from ragserve.metis.profile import QueryProfile
 from ragserve.metis.rules import PlanSpace
+from ragserve.metis.decide import Candidate, choose
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ class Reason(str, Enum):
     FIT = "fit"              # the largest candidate that fits the free KV
     SLO = "slo"              # a smaller candidate: a larger fit would miss the latency SLO
     FALLBACK = "fallback"    # no candidate fits (or meets the SLO): fallback method, fewer chunks
+    QUALITY = "quality"      # tuned: the best predicted quality for its time, as on an idle engine
+    LOAD = "load"            # tuned: a cheaper plan than idle, because time is dear under load
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class Job:
     slo_s: float | None = None            # end-to-end latency target; None = best fit only
     arrival_s: float = field(default_factory=time.monotonic)   # time.monotonic() clock
     profile: QueryProfile | None = field(default=None, compare=False)   # for the log only
+    qualities: tuple[float, ...] = ()     # predicted quality per plan (tuned rule); () = none
 
     @classmethod
     def from_space(cls, job_id: str, space: PlanSpace, chunk_token_counts: Sequence[int],
@@ -112,11 +121,16 @@ class Admitted:
     kv_free_tokens: int   # free KV seen at this job's turn (after earlier admissions this step)
     cost: PlanCost        # the chosen plan's price; cost.kv_budget_tokens was taken from it
     wait_s: float         # arrival -> admission
+    backlog_s: float = 0.0          # engine work ahead of it, in seconds (tuned rule)
+    predicted_quality: float | None = None   # tuned rule: the chosen plan's predicted quality
 
     def to_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan.to_dict(), "reason": self.reason.value,
-                "kv_free_tokens": self.kv_free_tokens, "cost": self.cost.to_dict(),
-                "wait_s": round(self.wait_s, 4)}
+        out = {"plan": self.plan.to_dict(), "reason": self.reason.value,
+               "kv_free_tokens": self.kv_free_tokens, "cost": self.cost.to_dict(),
+               "wait_s": round(self.wait_s, 4)}
+        if self.predicted_quality is not None:
+            out.update(backlog_s=round(self.backlog_s, 3), predicted_quality=round(self.predicted_quality, 4))
+        return out
 
 
 @dataclass
@@ -132,11 +146,15 @@ class _Entry:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig | None, cost_model: CostModel, *,
-                 kv_capacity_tokens: int | None = None) -> None:
+                 kv_capacity_tokens: int | None = None, rule: TunedConfig | None = None) -> None:
         """`kv_capacity_tokens`: the engine's total KV, if known before the first `schedule`
-        (lets `add` reject a job that could never run); each snapshot updates it."""
+        (lets `add` reject a job that could never run); each snapshot updates it. `rule`: how jobs
+        that carry predicted `qualities` are chosen (`ragserve.metis.decide`); jobs without them get
+        METIS' best fit. Candidates are priced at `add` with `cost_model` as it is then: set a
+        copy timed with the latest engine speeds (`CostModel.timed`) before adding."""
         self.config = config or SchedulerConfig()
         self.cost_model = cost_model
+        self.rule = rule or TunedConfig()
         self.kv_capacity_tokens = kv_capacity_tokens   # learned from every stats snapshot
         self._waiting: dict[str, _Entry] = {}           # insertion order = arrival order
         self._held: dict[str, int] = {}                 # job id -> reserved KV (hold_until_release)
@@ -201,6 +219,7 @@ class Scheduler:
         now = time.monotonic() if now_s is None else now_s
         self.kv_capacity_tokens = stats.kv_capacity_tokens
         free = max(0, stats.kv_free_tokens - sum(self._held.values()))
+        backlog_s = engine_backlog_s(stats)
         entries = list(self._waiting.values())
         if self.config.policy is Policy.SJF:
             entries.sort(key=lambda e: (e.min_cost.kv_budget_tokens, e.job.arrival_s))
@@ -212,12 +231,17 @@ class Scheduler:
                 del self._waiting[entry.job.id]
                 self._infeasible.append((entry.job, error))
                 continue
-            decision = self._decide(entry, free, now)
+            if not entry.job.qualities:
+                decision = self._decide(entry, free, now)
+            else:
+                decision = self._decide_tuned(entry, free, now, backlog_s)
             if decision is None:
                 if self.config.policy is Policy.FCFS:
                     break
                 continue
             free -= decision.cost.kv_budget_tokens
+            if stats.speeds is not None:
+                backlog_s += stats.speeds.prefill_s(decision.cost.prefill_tokens)
             del self._waiting[entry.job.id]
             if self.config.hold_until_release:
                 self._held[entry.job.id] = decision.cost.kv_budget_tokens
@@ -274,6 +298,19 @@ class Scheduler:
             return None
         return Admitted(job, fallback[1], Reason.FALLBACK, free, fallback[0], wait_s)
 
+    def _decide_tuned(self, entry: _Entry, free: int, now: float, backlog_s: float) -> Decision | None:
+        job = entry.job
+        wait_s = max(0.0, now - job.arrival_s)
+        quality = dict(zip(job.plans, job.qualities))
+        cands = [Candidate(p, c, quality.get(p, 0.0)) for c, p in entry.candidates]
+        left_s = None if job.slo_s is None else job.slo_s - wait_s
+        choice = choose(cands, free_kv_tokens=free, max_context=self.cost_model.model.max_context,
+                        backlog_s=backlog_s, slo_left_s=left_s, rule=self.rule)
+        if choice is None:
+            return None
+        c = choice.candidate
+        return Admitted(job, c.plan, Reason(choice.reason), free, c.cost, wait_s, backlog_s, c.quality)
+
     def _largest_fallback(self, entry: _Entry, free: int, left_s: float | None,
                           max_chunks: int | None = None) -> tuple[PlanCost, RagPlan] | None:
         """Binary search for the most chunks whose fallback fits (cost grows with chunks)."""
@@ -311,3 +348,12 @@ class Scheduler:
                     d.kv_free_tokens, d.cost.kv_budget_tokens, d.cost.num_calls,
                     d.cost.est_latency_s, d.wait_s)
 
+
+
+def engine_backlog_s(stats: EngineStats) -> float:
+    """Seconds of work the engine holds ahead of a call submitted now: its queued prefills.
+    Running calls decode alongside a new one (continuous batching), so they slow its steps
+    (priced by the step time at the larger batch) but are not ahead of it. 0 without speeds."""
+    if stats.speeds is None:
+        return 0.0
+    return stats.speeds.prefill_s(stats.queued_prefill_tokens)

@@ -2,8 +2,8 @@ import pytest
 
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput, ConfigError
-from ragserve.metis.profile import Complexity, fallback_profile
-from ragserve.metis.rules import ConfidenceGate, MethodRule, PlanPruner, PlannerRules, prune
+from ragserve.metis.profile import Complexity, QueryProfile, fallback_profile
+from ragserve.metis.rules import ConfidenceGate, MethodRule, PlanPruner, PlannerRules, degenerate, prune
 from tests.metis.factories import make_profile
 
 RULES = PlannerRules()
@@ -142,12 +142,26 @@ def test_low_confidence_uses_the_union_of_the_last_10():
     assert planner.gate.num_remembered == 10
 
 
-def test_low_confidence_without_history_keeps_its_own_space():
-    space = PlanPruner().plan(fallback_profile(), 30)
-    assert not space.from_history
-    assert methods(space.plans) == ["stuff"]
-    assert sorted(p.num_chunks for p in space.plans) == [2, 3, 4, 5, 6]
-    assert space.fallback is Method.STUFF
+def test_low_confidence_without_history_gets_the_safe_space():
+    # The Mount Kelby case: a 0.80-confidence "high complexity, joint reasoning" profile with
+    # no history used to plan map_reduce over the one chunk there was.
+    wrong = QueryProfile(Complexity.HIGH, True, 1, (30, 50), confidence=0.8)
+    for profile in (fallback_profile(), wrong):
+        space = PlanPruner().plan(profile, 30)
+        assert not space.from_history
+        assert [str(p) for p in space.plans] == ["stuff:1", "stuff:2", "stuff:3"]
+        assert space.fallback is Method.STUFF
+    assert [str(p) for p in PlanPruner().plan(wrong, 1).plans] == ["stuff:1"]
+
+
+def test_degenerate_plans_are_never_offered():
+    confident = QueryProfile(Complexity.HIGH, True, 1, (30, 50), confidence=1.0)
+    plans = prune(confident, PlannerRules(), 1)
+    assert [str(p) for p in plans] == ["stuff:1"]
+    plans = prune(confident, PlannerRules(offer_refine=True), 3)
+    assert not any(degenerate(p) for p in plans)
+    assert {p.method for p in plans} == {Method.STUFF, Method.MAP_REDUCE, Method.REFINE}
+    assert min(p.num_chunks for p in plans if p.method is Method.MAP_REDUCE) == 2
 
 
 def test_union_respects_the_current_collection_size():

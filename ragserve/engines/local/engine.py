@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from ragserve.config import BlendConfig, EngineConfig, SteerConfig, data_dir, dtype_override, num_threads
-from ragserve.domain import Chunk, EngineStats, LLMCall, LLMResult, ModelSpec
+from ragserve.domain import Chunk, EngineSpeeds, EngineStats, LLMCall, LLMResult, ModelSpec
 from ragserve.errors import BadInput, EngineDead
+from ragserve.engines.speeds import SpeedTracker
 from ragserve.engines.local.blend import (Blender, BlendUnsupported, GatherStats, as_batch, kv_spec,
                                           precompute_chunks)
 from ragserve.engines.local.kv_store import KVStore, model_fingerprint
@@ -82,8 +83,12 @@ class LocalEngine:
         self._running: list[_Request] = []
         self._kv: BatchKV | None = None
         self._kv_used = 0
+        self._prefilling = 0   # prompt tokens admitted and being prefilled now (in no queue)
         self._cond = threading.Condition()
         self._stopped = False
+        # Measured speed (stats().speeds). The prior is a 0.5B-class model on 2 CPU cores; the
+        # first few calls replace it with this machine's own figures.
+        self.speeds = SpeedTracker(EngineSpeeds(prefill_tok_s=200.0, step_base_s=0.12, step_per_row_s=0.01))
         self._thread = threading.Thread(target=self._loop, name="ragserve-engine", daemon=True)
         self._thread.start()
 
@@ -100,10 +105,15 @@ class LocalEngine:
         return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
+        speeds = self.speeds.speeds()
         with self._cond:
+            queued = self._prefilling + sum(len(r.prompt) for r in self._waiting)
+            steps = max((max(0.0, speeds.expected_output(r.call.tag, r.call.max_tokens) - len(r.output))
+                         for r in self._running), default=0.0)
             return EngineStats(kv_capacity_tokens=self.kv_capacity_tokens, kv_used_tokens=self._kv_used,
                                num_running=len(self._running), num_waiting=len(self._waiting),
-                               kv_bytes_per_token=self.model.kv_bytes_per_token)
+                               kv_bytes_per_token=self.model.kv_bytes_per_token, speeds=speeds,
+                               queued_prefill_tokens=queued, decode_steps_left=round(steps))
 
     async def generate(self, calls: Sequence[LLMCall]) -> list[LLMResult]:
         requests = [self._make_request(c) for c in calls]
@@ -174,13 +184,16 @@ class LocalEngine:
                     self._fail(self._running + list(self._waiting), EngineDead("engine closed"))
                     return
                 admitted = self._admit()
+                self._prefilling = sum(len(r.prompt) for r in admitted)
             try:
                 if admitted:
                     self._prefill(admitted)
+                    self._prefilling = 0
                 if self._running:
                     self._decode()
             except Exception as exc:  # keep serving: fail only the calls in flight
                 logger.exception("engine step failed")
+                self._prefilling = 0
                 with self._cond:
                     failed, self._running, self._kv, self._kv_used = self._running, [], None, 0
                 self._fail(failed + [r for r in admitted if r not in failed], EngineDead(f"engine step failed: {exc}"))
@@ -208,7 +221,9 @@ class LocalEngine:
                 r.steer = self._steer_row(r)
         plain = [r for r in admitted if not r.blend]
         if plain:
+            t0 = time.perf_counter()
             kv, logits = self.runner.prefill([r.prompt for r in plain], [r.steer for r in plain])
+            self.speeds.record_prefill(sum(len(r.prompt) for r in plain), time.perf_counter() - t0)
             self._join(plain, kv, logits)
         for r in admitted:
             if r.blend:
@@ -317,8 +332,10 @@ class LocalEngine:
 
     def _decode(self) -> None:
         assert self._kv is not None
+        t0 = time.perf_counter()
         self._kv, logits = self.runner.decode_step(self._kv, [r.output[-1] for r in self._running],
                                                    [r.steer for r in self._running])
+        self.speeds.record_step(len(self._running), time.perf_counter() - t0)
         self._emit(self._running, logits)
 
     def _emit(self, rows: list[_Request], logits) -> None:
@@ -356,6 +373,7 @@ class LocalEngine:
             self._kv_used -= sum(r.reserve for r in done)
         end = time.perf_counter()
         for r in done:
+            self.speeds.record_output(r.call.tag, len(r.output))
             result = LLMResult(text=r.text.strip(), prompt_tokens=len(r.prompt), output_tokens=len(r.output),
                                ttft_s=r.first_t - r.submit_t, total_s=end - r.submit_t,
                                queue_s=r.admit_t - r.submit_t,

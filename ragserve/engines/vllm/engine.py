@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from ragserve.config import EngineConfig, VllmConfig, cache_dir
-from ragserve.domain import EngineStats, LLMCall, LLMResult, ModelSpec
+from ragserve.domain import EngineSpeeds, EngineStats, LLMCall, LLMResult, ModelSpec
+from ragserve.engines.speeds import SpeedTracker
 from ragserve.engines.vllm import lmcache
 from ragserve.engines.vllm.client import EndpointFailed, ServedModel, VllmClient
 from ragserve.engines.vllm.router import Replica, ReplicaSet
@@ -55,13 +57,30 @@ class VllmEngine:
         self.model: ModelSpec = model_spec(config, healthy)
         self.replicas.kv_bytes_per_token = self.model.kv_bytes_per_token
         self._blend_frames: dict[tuple[str, tuple], tuple[list[int], list[int]]] = {}
+        # Measured from our own calls' timings (vLLM's /metrics histograms are cumulative over
+        # every tenant; our calls are what the plans we price will look like).
+        self.speeds = SpeedTracker(EngineSpeeds(prefill_tok_s=2000.0, step_base_s=0.05, step_per_row_s=0.002))
+        self._last_rows = 1
         logger.info("vLLM engine: %d endpoint(s), %d healthy; model %s (%d layers, %d KV heads x %d, %d B), "
                     "context %d", len(self.clients), len(healthy), self.model.name, self.model.num_layers,
                     self.model.num_kv_heads, self.model.head_dim, self.model.dtype_bytes, self.model.max_context)
 
     # -- Engine protocol ------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        return self.replicas.stats()
+        stats = self.replicas.stats()
+        self._last_rows = max(1, stats.num_running)
+        return replace(stats, speeds=self.speeds.speeds())
+
+    def _measure(self, call: LLMCall, result: LLMResult) -> None:
+        """Prefill ~ first-token time after admission; a decode step ~ the time between tokens,
+        at the batch size the last snapshot saw."""
+        prefill_s = result.ttft_s - result.queue_s
+        if prefill_s > 0:
+            self.speeds.record_prefill(result.prompt_tokens, prefill_s)
+        if result.output_tokens > 1:
+            step_s = (result.total_s - result.ttft_s) / (result.output_tokens - 1)
+            self.speeds.record_step(self._last_rows, step_s)
+        self.speeds.record_output(call.tag, result.output_tokens)
 
     def count_tokens(self, text: str) -> int:
         return self._sync(lambda c: c.count_text_tokens(text))
@@ -106,8 +125,10 @@ class VllmEngine:
             prompt_ids = None
             if replica.client.endpoint.lmcache_blend and call.chunk_ids:
                 prompt_ids = await asyncio.to_thread(self._blend_ids, replica.client, call)
-            return await replica.client.run(call, on_piece, max_retries=max_retries, prompt_ids=prompt_ids,
-                                            on_first_token=on_first)
+            result = await replica.client.run(call, on_piece, max_retries=max_retries, prompt_ids=prompt_ids,
+                                              on_first_token=on_first)
+            self._measure(call, result)
+            return result
         return run
 
     def _sync(self, fn):
