@@ -43,6 +43,22 @@ def _warm_up(state: ServerState) -> None:
     if state.tokenizer is None:
         state.tokenizer = load_tokenizer(state.config.engine.model)
     state.runtime.retriever.embedder.encode_query("warm-up")
+    _open_collections(state)
+
+
+def _open_collections(state: ServerState) -> None:
+    """Load every collection now (first queries do not wait for it) and report the ones
+    that do not load: the server still serves the others."""
+    from ragserve.errors import CollectionDamaged, NotFound
+    from ragserve.retrieval.store import list_collections
+
+    for name in list_collections():
+        try:
+            state.check_collection(name)
+        except NotFound:
+            continue
+        except CollectionDamaged as exc:
+            logger.error("%s", exc)
 
 
 @asynccontextmanager

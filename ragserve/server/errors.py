@@ -5,6 +5,7 @@ message: {"error": {"type", "message", "param", "code"}}. `param` names the offe
 field of a 422. Status per exception (see ragserve.errors):
 
     BadInput, ConfigError, NoFeasiblePlan, validation -> 422    NotFound -> 404
+    CollectionDamaged -> 409 (the message says how to roll back or re-ingest)
     Unauthorized -> 401   Forbidden -> 403   PayloadTooLarge -> 413   RequestTimedOut -> 504
     AdmissionRejected, EngineUnavailable -> 503 + Retry-After     EngineDead, other -> 500
 """
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragserve.errors import (AdmissionRejected, BadInput, ConfigError, EngineDead, EngineUnavailable,
+from ragserve.errors import (AdmissionRejected, BadInput, CollectionDamaged, ConfigError, EngineDead, EngineUnavailable,
                              ModelNotAvailable, NoFeasiblePlan, NotFound, RagServeError)
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _STATUS: tuple[tuple[type[RagServeError], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
+    (CollectionDamaged, 409, "collection_damaged"),
     (BadInput, 422, "bad_input"),
     (ConfigError, 422, "bad_config"),
     (NoFeasiblePlan, 422, "no_feasible_plan"),

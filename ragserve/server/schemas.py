@@ -69,13 +69,16 @@ class IngestResponse(BaseModel):
 
 class CollectionInfo(BaseModel):
     name: str
-    num_chunks: int
-    num_documents: int
-    generation: int
-    embedding_model: str
-    tokenizer: str
-    chunk_tokens: int
-    chunk_overlap_tokens: int
+    status: Literal["ok", "damaged"] = Field(
+        "ok", description="damaged: its files do not load; `error` says how to roll back or re-ingest.")
+    error: str | None = None
+    num_chunks: int | None = None
+    num_documents: int | None = None
+    generation: int | None = None
+    embedding_model: str | None = None
+    tokenizer: str | None = Field(None, description="The tokenizer chunk sizes are counted in (its name).")
+    chunk_tokens: int | None = None
+    chunk_overlap_tokens: int | None = None
 
 
 class CollectionList(BaseModel):
