@@ -59,6 +59,9 @@ _STATUS: tuple[tuple[type[RagServeError], int, str], ...] = (
 )
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 def error_body(kind: str, message: str, param: str | None = None, **extra) -> dict:
     return {"error": {"type": kind, "message": message, "param": param, "code": kind, **extra}}
 
@@ -69,12 +72,23 @@ def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        if first.get("type") == "json_invalid":   # FastAPI puts the byte offset where a field goes
+            where = next((x for x in first["loc"] if isinstance(x, int)), None)
+            ctx = (exc.errors()[0].get("ctx") or {}).get("error")
+            why = str(ctx) if ctx else first["msg"].removeprefix("Invalid JSON: ")
+            at = f" at byte {where}" if where is not None else ""
+            return 422, error_body("validation_error", f"the request body is not valid JSON{at} ({why}); "
+                                   "send one JSON object", None, errors=errors), {}
         loc = [str(x) for x in first["loc"]]
         if loc and loc[0] in ("body", "path", "query", "header", "cookie"):   # where, not which field
             loc = loc[1:]
         field = ".".join(loc) or None
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
         return 422, error_body("validation_error", message, field, errors=errors), {}
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:
+        # FastAPI's answer to a body json.loads rejects with RecursionError: a 422 like any bad JSON
+        return 422, error_body("validation_error", "the request body is not valid JSON (nested too "
+                               "deeply or malformed); send one JSON object", None), {}
     if isinstance(exc, HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error")

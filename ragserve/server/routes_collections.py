@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
+import io
 import unicodedata
 from pathlib import Path as FsPath
 from typing import Any
@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ragserve.errors import BadInput, CollectionDamaged, NotFound
-from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, load_documents
+from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, corpus_documents
 from ragserve.retrieval.ingest import IngestReport, ingest_documents
 from ragserve.retrieval.store import Collection, list_collections
 from ragserve.server.deps import CollectionPath, QueryAuth, RuntimeDep, StateDep, WriteAuth
@@ -153,23 +153,20 @@ async def _documents_from_files(request: Request) -> list[Document]:
         raise RequestValidationError([{"loc": ("body", "files"), "msg": "Field required: attach one or "
                                        "more .txt/.md/.jsonl files as 'files'", "type": "missing"}])
     docs: list[Document] = []
-    with tempfile.TemporaryDirectory(prefix="ragserve-upload-") as tmp:
-        for upload in files:
-            filename = FsPath(upload.filename or "").name   # never a path: no escape
-            suffix = FsPath(filename).suffix.lower()
-            if not filename or suffix not in TEXT_SUFFIXES + (CORPUS_SUFFIX,):
-                raise BadInput(f"file {upload.filename!r} is not .txt, .md or .jsonl")
-            data = await upload.read()
-            if suffix == CORPUS_SUFFIX:
-                path = FsPath(tmp) / filename
-                path.write_bytes(data)
-                docs.extend(load_documents(path))
-            else:
-                try:
-                    text = data.decode("utf-8-sig")
-                except UnicodeDecodeError as exc:
-                    raise BadInput(f"file {filename!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
-                docs.append(Document(id=filename, title=FsPath(filename).stem, text=text))
+    for upload in files:
+        filename = FsPath(upload.filename or "").name   # never a path: no escape
+        suffix = FsPath(filename).suffix.lower()
+        if not filename or suffix not in TEXT_SUFFIXES + (CORPUS_SUFFIX,):
+            raise BadInput(f"file {upload.filename!r} is not .txt, .md or .jsonl")
+        data = await upload.read()
+        if suffix == CORPUS_SUFFIX:   # parsed in memory: errors name the client's file
+            docs.extend(corpus_documents(io.BytesIO(data), filename, FsPath(filename).stem))
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"file {filename!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
+            docs.append(Document(id=filename, title=FsPath(filename).stem, text=text))
     if len(docs) > MAX_DOCUMENTS:
         raise BadInput(f"{len(docs)} documents in one request, above the limit of {MAX_DOCUMENTS}; split it")
     return docs
