@@ -13,6 +13,7 @@ reconstructed vector matrix, so they return the true top-k among matching chunks
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import numbers
 import os
@@ -30,7 +31,7 @@ import numpy as np
 from ragserve.config import data_dir
 from ragserve.domain import Chunk, RetrievedChunk
 from ragserve.errors import BadInput, CollectionDamaged, NotFound, RagServeError
-from ragserve.retrieval.generations import (MANIFEST_VERSION, Snapshot, read_current, read_generation,
+from ragserve.retrieval.generations import (MANIFEST_VERSION, Snapshot, gen_name, read_current, read_generation,
                                             rollback, write_generation, writer_lock)
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,21 @@ def list_collections() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if _NAME_RE.fullmatch(p.name) and (p / "CURRENT").is_file())
+
+
+def collection_sizes() -> dict[str, int]:
+    """Chunks per collection, from each committed manifest (no index is loaded); a
+    collection whose manifest does not read is left out."""
+    out = {}
+    for name in list_collections():
+        path = collections_root() / name
+        try:
+            gen = read_current(path)
+            manifest = json.loads((path / gen_name(gen) / "manifest.json").read_text(encoding="utf-8"))
+            out[name] = int(manifest["num_chunks"])
+        except (CollectionDamaged, OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 @dataclass(frozen=True)
