@@ -23,7 +23,7 @@ from ragserve.domain import LLMResult, Method, QueryResult, RagPlan, RetrievedCh
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
-from ragserve.synthesis import Program, build_program
+from ragserve.synthesis import Program, build_program, clean_answer
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ async def drive_program(engine: Engine, program: Program, stream_batch: int | No
     assert batch is not None
     ttft_s = (batch_start - t0) + min(r.ttft_s for r in batch)
     # The answer comes from the last batch (map_rerank: the candidate it picked).
-    finish = next((r.finish_reason for r in batch if r.text.strip() == answer.strip()), "stop")
+    finish = next((r.finish_reason for r in batch if clean_answer(r.text) == answer.strip()), "stop")
     yield ProgramRun(answer=answer.strip(), results=tuple(results), ttft_s=ttft_s, queue_s=queue_s,
                      finish_reason=finish)
 
