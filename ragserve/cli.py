@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: steer in config for the collection)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
 
-    d = sub.add_parser("demo", help="ingest the squad corpus, answer a few questions, print plan/timings/F1")
-    d.add_argument("--model", help="smollm2 | qwen")
+    d = sub.add_parser("demo", help="ingest the squad corpus and answer a few questions with the plan METIS "
+                                    "chooses: answer, plan, why, timings, F1")
+    d.add_argument("--model", help="smollm2 | qwen (default: qwen when the machine has the memory)")
     d.add_argument("--num", type=int, default=3, help="questions to answer")
     d.add_argument("--collection", default="squad-demo")
 
@@ -223,7 +224,7 @@ def _print_result(result) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ragserve.demo import run_demo
 
-    return run_demo(_config(args), args.collection, args.num)
+    return run_demo(_config(args), args.collection, args.num, model=args.model)
 
 
 def cmd_collections(args: argparse.Namespace) -> int:
@@ -250,13 +251,13 @@ def cmd_collections(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ragserve.server.app import serve
-
-    config = _config(args)
+    config = _config(args)   # settings first: a bad file fails before anything heavy is imported
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = replace(config, server=replace(config.server, **overrides))
-    serve(config)
+    from ragserve.server.app import serve
+
+    serve(config)   # binds the port before loading the model
     return 0
 
 
