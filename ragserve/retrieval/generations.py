@@ -127,8 +127,8 @@ def read_generation(path: Path, gen: int) -> Snapshot:
 
 
 def rollback(path: Path) -> tuple[int | None, int]:
-    """Make the newest stored generation older than CURRENT that loads the current one, and
-    drop the newer ones. Returns (the generation left, the one now current). Hold `writer_lock`.
+    """Point CURRENT at the newest stored generation older than it that loads, and delete the
+    newer ones. Returns (the generation left, the one now current). Hold `writer_lock`.
 
     Raises CollectionDamaged when no older generation loads.
     """
