@@ -1,4 +1,4 @@
-"""`ragserve` command line: ingest, query, demo, serve, eval, tune, ui. Thin: parsing and printing only."""
+"""`ragserve` command line: ingest, query, demo, serve, collections, eval, tune, ui. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: steer in config for the collection)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
 
-    d = sub.add_parser("demo", help="ingest the squad corpus, answer a few questions, print plan/timings/F1")
-    d.add_argument("--model", help="smollm2 | qwen")
+    d = sub.add_parser("demo", help="ingest the squad corpus and answer a few questions with the plan METIS "
+                                    "chooses: answer, plan, why, timings, F1")
+    d.add_argument("--model", help="smollm2 | qwen (default: qwen when the machine has the memory)")
     d.add_argument("--num", type=int, default=3, help="questions to answer")
     d.add_argument("--collection", default="squad-demo")
 
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
                         "concurrent queries compete for KV, the load METIS' best fit reacts to")
     e.add_argument("--feedback-every", type=int,
                    help="METIS golden-plan feedback every N queries, 0 = off (default metis.feedback_every, 30)")
+
+    c = sub.add_parser("collections", help="list collections (and whether they load) or roll one back")
+    c.add_argument("action", choices=["list", "rollback"],
+                   help="rollback NAME: make the previous stored generation current again")
+    c.add_argument("name", nargs="?", help="the collection (rollback)")
 
     u = sub.add_parser("ui", help="open the Streamlit quality-latency explorer (ui/app.py)")
     u.add_argument("--config", default=argparse.SUPPRESS, help="YAML config of the in-process controller")
@@ -228,17 +234,40 @@ def _print_result(result) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ragserve.demo import run_demo
 
-    return run_demo(_config(args), args.collection, args.num)
+    return run_demo(_config(args), args.collection, args.num, model=args.model)
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    from ragserve.errors import BadInput, CollectionDamaged
+    from ragserve.retrieval.store import Collection, list_collections
+
+    if args.action == "rollback":
+        if not args.name:
+            raise BadInput("rollback needs the collection: ragserve collections rollback NAME")
+        left, now = Collection.rollback(args.name)
+        print(f"collection {args.name}: generation {now} is current again"
+              + (f" (generation {left} removed)" if left is not None else ""))
+        return 0
+    status = 0
+    for name in list_collections():
+        try:
+            col = Collection.open(name)
+        except CollectionDamaged as exc:
+            print(f"{name}\tdamaged\t{exc}")
+            status = 1
+            continue
+        print(f"{name}\tok\t{len(col)} chunks, {col.num_documents} documents, generation {col.generation}")
+    return status
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ragserve.server.app import serve
-
-    config = _config(args)
+    config = _config(args)   # settings first: a bad file fails before anything heavy is imported
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     if overrides:
         config = replace(config, server=replace(config.server, **overrides))
-    serve(config)
+    from ragserve.server.app import serve
+
+    serve(config)   # binds the port before loading the model
     return 0
 
 
@@ -402,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handlers = {"ingest": cmd_ingest, "query": cmd_query, "demo": cmd_demo, "serve": cmd_serve,
-                "eval": cmd_eval, "tune": cmd_tune, "ui": cmd_ui}
+                "eval": cmd_eval, "tune": cmd_tune, "ui": cmd_ui, "collections": cmd_collections}
     try:
         return handlers[args.command](args)
     except RagServeError as exc:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
@@ -23,7 +23,7 @@ from ragserve.domain import LLMResult, Method, QueryResult, RagPlan, RetrievedCh
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
-from ragserve.synthesis import Program, build_program
+from ragserve.synthesis import Program, build_program, clean_answer
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class ProgramRun:
     results: tuple[LLMResult, ...]
     ttft_s: float          # program start -> first token of the final (answering) call
     queue_s: float         # summed engine admission wait of the first batch
+    finish_reason: str = "stop"   # "length" when the call that wrote the answer hit its token cap
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,10 @@ async def drive_program(engine: Engine, program: Program, stream_batch: int | No
         answer = stop.value
     assert batch is not None
     ttft_s = (batch_start - t0) + min(r.ttft_s for r in batch)
-    yield ProgramRun(answer=answer.strip(), results=tuple(results), ttft_s=ttft_s, queue_s=queue_s)
+    # The answer comes from the last batch (map_rerank: the candidate it picked).
+    finish = next((r.finish_reason for r in batch if clean_answer(r.text) == answer.strip()), "stop")
+    yield ProgramRun(answer=answer.strip(), results=tuple(results), ttft_s=ttft_s, queue_s=queue_s,
+                     finish_reason=finish)
 
 
 async def run_program(engine: Engine, program: Program) -> ProgramRun:
@@ -171,10 +175,12 @@ class Controller:
 
     async def query(self, question: str, collection: str, plan: RagPlan | None = None,
                     filters: dict[str, Any] | None = None, slo_s: float | None = None,
-                    steer: bool | None = None) -> QueryResult:
-        """`steer` (LLMSteer in the embedded engine): None = config.steer for `collection`."""
+                    steer: bool | None = None, max_answer_tokens: int | None = None) -> QueryResult:
+        """`steer` (LLMSteer in the embedded engine): None = config.steer for `collection`.
+        `max_answer_tokens` caps the answer below synthesis.answer_tokens (never above: plans
+        are priced and admitted with that length)."""
         async with aclosing(self._run(question, collection, plan, filters, slo_s, stream=False,
-                                      steer=steer)) as events:
+                                      steer=steer, max_answer_tokens=max_answer_tokens)) as events:
             async for event in events:
                 result = event
         assert isinstance(result, QueryResult)
@@ -182,15 +188,18 @@ class Controller:
 
     def query_stream(self, question: str, collection: str, plan: RagPlan | None = None,
                      filters: dict[str, Any] | None = None, slo_s: float | None = None,
-                     steer: bool | None = None) -> AsyncIterator[StreamEvent]:
+                     steer: bool | None = None, max_answer_tokens: int | None = None
+                     ) -> AsyncIterator[StreamEvent]:
         """`query` as events: `Planned`, then the answer's text pieces (streamed from the final
         call; in one piece for map_rerank), then the `QueryResult`. Close it (aclosing) when
         leaving early: that cancels its engine calls and releases the plan's reservation."""
-        return self._run(question, collection, plan, filters, slo_s, stream=True, steer=steer)
+        return self._run(question, collection, plan, filters, slo_s, stream=True, steer=steer,
+                         max_answer_tokens=max_answer_tokens)
 
     async def _run(self, question: str, collection: str, plan: RagPlan | None,
                    filters: dict[str, Any] | None, slo_s: float | None, stream: bool,
-                   steer: bool | None = None) -> AsyncIterator[StreamEvent]:
+                   steer: bool | None = None, max_answer_tokens: int | None = None
+                   ) -> AsyncIterator[StreamEvent]:
         t0 = time.perf_counter()
         question = validate_question(question)
         col = self.retriever.collection(collection)
@@ -214,7 +223,10 @@ class Controller:
                 yield Planned(decision.plan, tuple(used), decision.details or {})
             if steer is None:
                 steer = self.config.steer.steers(collection)
-            program = build_program(question, [h.chunk for h in used], decision.plan, self.config.synthesis, steer)
+            synthesis = self.config.synthesis
+            if max_answer_tokens is not None and max_answer_tokens < synthesis.answer_tokens:
+                synthesis = replace(synthesis, answer_tokens=max_answer_tokens)
+            program = build_program(question, [h.chunk for h in used], decision.plan, synthesis, steer)
             program_t = time.perf_counter()
             final = answer_batch(decision.plan, len(used)) if stream else None
             async with aclosing(drive_program(self.engine, program, final)) as steps:
@@ -239,4 +251,5 @@ class Controller:
         yield QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
                           timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
                           output_tokens=sum(r.output_tokens for r in run.results),
-                          num_calls=len(run.results), decision=decision.details or {})
+                          num_calls=len(run.results), decision=decision.details or {},
+                          finish_reason=run.finish_reason)

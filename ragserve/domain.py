@@ -212,6 +212,7 @@ class QueryResult:
     output_tokens: int
     num_calls: int
     decision: dict[str, Any] = field(default_factory=dict)  # profile/pruned/reason (METIS)
+    finish_reason: str = "stop"   # "length": the answer stopped at its token cap
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Error hierarchy. Every message names the offending value and says what to do.
 
 Callers map these onto exit codes (CLI) or HTTP statuses (server):
-BadInput/ConfigError -> 422/exit 2, NotFound -> 404, AdmissionRejected -> 503 +
+BadInput/ConfigError -> 422/exit 2, NotFound -> 404, CollectionDamaged -> 409, AdmissionRejected -> 503 +
 Retry-After, EngineUnavailable -> 503 (retryable), EngineDead -> 500.
 """
 from __future__ import annotations
@@ -24,6 +24,15 @@ class NotFound(RagServeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class CollectionDamaged(RagServeError):
+    """A collection's committed files do not load; the message names it and the way out
+    (roll back to the previous generation, or delete and re-ingest)."""
+
+    def __init__(self, message: str, name: str = "") -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class ModelNotAvailable(RagServeError):

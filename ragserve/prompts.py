@@ -32,6 +32,11 @@ REFINE = ("Question: {question}\nCurrent answer: {answer}\n\nNew context:\n{cont
 
 PASSAGE = "[{n}] {title}{text}"
 
+# The instruction text a small model may echo after its answer ("1988 a date or short phrase
+# copied from the context, ..."): synthesis.clean_answer cuts an answer where it starts
+# repeating one of these.
+INSTRUCTIONS = (SYSTEM, SYSTEM_SUMMARY, MAP_RERANK, MAP_SUMMARY, MAP_SYSTEM, REFINE)
+
 
 def format_passage(n: int, title: str, text: str) -> str:
     return PASSAGE.format(n=n, title=f"{title}\n" if title else "", text=text)

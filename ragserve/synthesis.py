@@ -12,6 +12,7 @@ drives it against an engine; tests can drive it with canned results. No I/O here
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
@@ -66,6 +67,46 @@ def refine_call(question: str, answer: str, chunk: Chunk, max_tokens: int, stop:
     return LLMCall(_messages(system, user), max_tokens, stop=stop, chunk_ids=(chunk.id,), tag="refine")
 
 
+_WORD_RE = re.compile(r"[a-z0-9]+")
+_ARTICLES = {"a", "an", "the"}
+
+
+def _ngrams(n: int) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for text in prompts.INSTRUCTIONS:
+        words = _WORD_RE.findall(text.lower())
+        out.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return out
+
+
+_ECHO4, _ECHO3 = _ngrams(4), _ngrams(3)
+
+
+def _echo_start(words: list[str]) -> int | None:
+    """Index of the word where an echoed instruction begins, None when there is none: four
+    consecutive instruction words anywhere (widened back over 3-word overlaps and an
+    article), or three or more that run to the end of the answer."""
+    for i in range(len(words) - 3):
+        if tuple(words[i:i + 4]) in _ECHO4:
+            while i > 0 and tuple(words[i - 1:i + 2]) in _ECHO3:
+                i -= 1
+            return i - 1 if i > 0 and words[i - 1] in _ARTICLES else i
+    for i in range(len(words) - 2):
+        if all(tuple(words[j:j + 3]) in _ECHO3 for j in range(i, len(words) - 2)):
+            return i
+    return None
+
+
+def clean_answer(text: str) -> str:
+    """`text` cut where it starts repeating a prompt instruction, stripped. Small models
+    (SmolLM2) continue a short answer with the system prompt's wording."""
+    matches = list(_WORD_RE.finditer(text.lower()))
+    start = _echo_start([m.group() for m in matches])
+    if start is None:
+        return text.strip()
+    return text[: matches[start].start()].strip().rstrip(",;:-").strip()
+
+
 def _is(text: str, word: str) -> bool:
     return text.strip().strip(".").lower() == word
 
@@ -80,9 +121,10 @@ def pick_best(results: Sequence[LLMResult]) -> Candidate:
     """Most confident answer; ties keep retrieval order. All unknown -> 'unknown'."""
     best = Candidate(prompts.UNKNOWN, 0.0)
     for r in results:
-        c = confidence(r)
+        text = clean_answer(r.text)
+        c = confidence(r) if text and not _is(text, prompts.UNKNOWN) else 0.0
         if c > best.confidence:
-            best = Candidate(r.text.strip(), c)
+            best = Candidate(text, c)
     return best
 
 
@@ -116,7 +158,7 @@ def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config:
 
 def _stuff(question: str, chunks: list[Chunk], ans: _Answer) -> Program:
     (result,) = yield [answer_call(question, chunks, ans.max_tokens, stop=ans.stop, steer=ans.steer, system=ans.system)]
-    return result.text
+    return clean_answer(result.text)
 
 
 def _map_rerank(question: str, chunks: list[Chunk], ans: _Answer) -> Program:
@@ -132,7 +174,7 @@ def _map_reduce(question: str, chunks: list[Chunk], inter: int, ans: _Answer) ->
         kept = chunks[:1]
     (result,) = yield [answer_call(question, kept, ans.max_tokens, tag="reduce", stop=ans.stop, steer=ans.steer,
                                    system=ans.system)]
-    return result.text
+    return clean_answer(result.text)
 
 
 def _refine(question: str, chunks: list[Chunk], inter: int, ans: _Answer) -> Program:
@@ -140,9 +182,9 @@ def _refine(question: str, chunks: list[Chunk], inter: int, ans: _Answer) -> Pro
     first_cap = ans.max_tokens if len(chunks) == 1 else inter
     (result,) = yield [answer_call(question, chunks[:1], first_cap, tag="refine", stop=ans.stop, steer=ans.steer,
                                    system=ans.system)]
-    answer = result.text
+    answer = clean_answer(result.text)
     for i, chunk in enumerate(chunks[1:], start=2):
         cap = ans.max_tokens if i == len(chunks) else inter
         (result,) = yield [refine_call(question, answer, chunk, cap, ans.stop, ans.system)]
-        answer = result.text or answer
+        answer = clean_answer(result.text) or answer
     return answer

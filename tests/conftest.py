@@ -11,6 +11,39 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _git_status() -> str | None:
+    """`git status --porcelain` of the checkout; None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    session.config._ragserve_git_status = _git_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A test run must leave the checkout as it found it: outputs belong in temp dirs."""
+    before = getattr(session.config, "_ragserve_git_status", None)
+    after = _git_status() if before is not None else None
+    if before is None or after is None or after == before:
+        return
+    changed = sorted(set(after.splitlines()) - set(before.splitlines()))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the test run changed the checkout (write outputs to tmp_path instead):\n  " + "\n  ".join(changed)
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 def squad_rows(kind: str, n: int) -> list[dict]:
     from ragserve.config import datasets_dir
 

@@ -104,3 +104,28 @@ def test_summary_style_asks_every_answer_call_for_sentences():
 def test_unknown_answer_style_is_a_config_error():
     with pytest.raises(ConfigError, match="answer_style='essay' must be one of: short, summary"):
         SynthesisConfig(answer_style="essay")
+
+
+ECHOES = [
+    # what SmolLM2 wrote in the demo: the answer, then the system prompt's wording
+    ("1988 a date or short phrase copied from the context, on one line, with no explanation.", "1988"),
+    ("October 1973, with no explanation", "October 1973"),
+    ("unknown If the context does not contain the answer, reply exactly: unknown", "unknown"),
+    ("Reply with the shortest answer: a name", ""),
+    ("The Black Death killed 75 to 200 million people.", "The Black Death killed 75 to 200 million people."),
+]
+
+
+@pytest.mark.parametrize("text, expected", ECHOES)
+def test_clean_answer_cuts_an_echoed_instruction(text, expected):
+    from ragserve.synthesis import clean_answer
+
+    assert clean_answer(text) == expected
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_no_method_returns_the_instruction_text(method):
+    plan = RagPlan(method, 2, 16 if method in (Method.MAP_REDUCE, Method.REFINE) else 0)
+    answer, _ = drive(build_program("q?", make_chunks(2), plan, SynthesisConfig()),
+                      lambda c: result(ECHOES[0][0], (-0.1,) * 5) if c.tag != "map" else result("facts"))
+    assert answer == "1988"

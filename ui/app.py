@@ -52,6 +52,9 @@ def _server(args: argparse.Namespace) -> tuple[QueryBackend | None, str | None]:
         return backend, str(exc)
     if status == "ready":
         st.sidebar.success(f"{backend.url}: ready")
+    elif status == "degraded":   # serving, but a collection does not load (left out of the pickers)
+        st.sidebar.warning(f"{backend.url}: ready, but a collection is damaged (GET /readyz names it "
+                           "and the way out)")
     else:
         st.sidebar.warning(f"{backend.url}: {status} (still loading the model?)")
     return backend, None

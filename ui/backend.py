@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import httpx
 
@@ -45,11 +45,17 @@ class LoadSample:
     sched_waiting: int = 0     # queries waiting in METIS' scheduler for free KV
 
 
+def largest_first(sizes: Iterable[tuple[str, int]]) -> list[str]:
+    """Collection names by (name, number of chunks), most chunks first, then by name."""
+    return [name for name, _ in sorted(sizes, key=lambda item: (-item[1], item[0]))]
+
+
 class QueryBackend(Protocol):
     label: str
 
     def collections(self) -> list[str]:
-        """Names of the collections queries can ask over."""
+        """Names of the collections queries can ask over, largest first (the pickers open on
+        the first: a 1-chunk scratch collection is a poor default)."""
         ...
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,
@@ -144,7 +150,9 @@ class HttpBackend:
             return str(exc)
 
     def collections(self) -> list[str]:
-        return [c["name"] for c in self._get("/v1/collections").get("collections", [])]
+        listed = self._get("/v1/collections").get("collections", [])
+        usable = [c for c in listed if c.get("status", "ok") == "ok"]   # a damaged one cannot answer
+        return largest_first((c["name"], int(c.get("num_chunks") or 0)) for c in usable)
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,
                      slo_ms: float | None = None, blend: bool = False) -> Iterator[Event]:
@@ -218,9 +226,9 @@ class InProcessBackend:
             return ctl
 
     def collections(self) -> list[str]:
-        from ragserve.retrieval.store import list_collections
+        from ragserve.retrieval.store import collection_sizes
 
-        return list_collections()
+        return largest_first(collection_sizes().items())
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,
                      slo_ms: float | None = None, blend: bool = False) -> Iterator[Event]:

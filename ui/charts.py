@@ -42,13 +42,15 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], metric: str = "f1", metric_
     shown = [p for p in points if p.latency_s is not None and getattr(p, metric) is not None]
     sources = sorted({p.source for p in shown})
     crowded = len(shown) > MAX_LABELLED   # then only the frontier and the adaptive systems get labels
+    texts = {p.key: _label(p, len(sources) > 1, crowded) for p in shown}
+    where = label_positions([(p.key, p.latency_s, getattr(p, metric), texts[p.key]) for p in shown])
     for kind in dict.fromkeys(p.kind for p in shown):
         members = [p for p in shown if p.kind == kind]
         symbol, colour, name = KIND_STYLE.get(kind, ("circle-open", "#17becf", kind))
         fig.add_trace(go.Scatter(
             x=[p.latency_s for p in members], y=[getattr(p, metric) for p in members],
-            mode="markers+text", name=name, text=[_label(p, len(sources) > 1, crowded) for p in members],
-            textposition="top center", textfont={"size": 10},
+            mode="markers+text", name=name, text=[texts[p.key] for p in members],
+            textposition=[where[p.key] for p in members], textfont={"size": 10},
             marker={"symbol": symbol, "color": colour, "size": 12,
                     "line": {"width": [2.5 if p.on_frontier else 0 for p in members], "color": "black"}},
             hovertext=[_hover(p, metric_label, getattr(p, metric)) for p in members], hoverinfo="text",
@@ -62,6 +64,41 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], metric: str = "f1", metric_
                       height=480, margin={"l": 10, "r": 10, "t": 30, "b": 10}, hoverlabel={"align": "left"},
                       legend={"orientation": "h", "y": -0.18})
     return fig
+
+
+# Label placement, in fractions of the plot's axis ranges (a 10 px font on a ~1300 x 400 px plot).
+_CHAR_W, _LABEL_H, _MARKER_W, _MARKER_H = 0.0055, 0.05, 0.006, 0.02
+_POSITIONS = ("top center", "bottom center", "middle right", "middle left")
+
+
+def label_positions(points: Sequence[tuple[str, float, float, str]]) -> dict[str, str]:
+    """A plotly textposition per point (key, x, y, label) so labels overlap neither each other
+    nor markers: top center where free, else below, right or left (greedy, top points first)."""
+    if not points:
+        return {}
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    norm = {key: ((x - min(xs)) / span_x, (y - min(ys)) / span_y) for key, x, y, _ in points}
+    taken = [(nx - _MARKER_W, ny - _MARKER_H, nx + _MARKER_W, ny + _MARKER_H) for nx, ny in norm.values()]
+    out: dict[str, str] = {}
+    for key, _, _, text in sorted(points, key=lambda p: -p[2]):
+        if not text:
+            out[key] = "top center"
+            continue
+        nx, ny = norm[key]
+        w = len(text) * _CHAR_W
+        boxes = {"top center": (nx - w / 2, ny + _MARKER_H, nx + w / 2, ny + _MARKER_H + _LABEL_H),
+                 "bottom center": (nx - w / 2, ny - _MARKER_H - _LABEL_H, nx + w / 2, ny - _MARKER_H),
+                 "middle right": (nx + _MARKER_W, ny - _LABEL_H / 2, nx + _MARKER_W + w, ny + _LABEL_H / 2),
+                 "middle left": (nx - _MARKER_W - w, ny - _LABEL_H / 2, nx - _MARKER_W, ny + _LABEL_H / 2)}
+        free = [pos for pos in _POSITIONS if not any(_overlap(boxes[pos], b) for b in taken)]
+        out[key] = free[0] if free else "top center"
+        taken.append(boxes[out[key]])
+    return out
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _label(p: TradeoffPoint, with_source: bool, crowded: bool) -> str:

@@ -124,6 +124,26 @@ def discover(repo: Path) -> list[Path]:
     return sorted(p for p in found if is_eval_run(p) or is_sweep(p))
 
 
+def set_size_and_date(path: Path) -> tuple[int, str]:
+    """(number of queries, when it was made as an ISO string or "") of a result set, from its
+    own metadata (file times say when the checkout was made, not the run). (0, "") when
+    unreadable."""
+    try:
+        if is_eval_run(path):
+            meta = json.loads((path / "report.json").read_text()).get("meta", {})
+            return int(meta.get("num") or 0), str(meta.get("finished") or meta.get("created") or "")
+        meta = json.loads((path / "meta.json").read_text())
+        return len(meta.get("query_ids") or ()), str(meta.get("finished") or meta.get("created") or "")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, ""
+
+
+def default_set(paths: Sequence[Path]) -> Path | None:
+    """The set the explorer opens on: the most queries (a 5-query smoke run says little),
+    then the newest; None when there are none."""
+    return max(paths, key=lambda p: (*set_size_and_date(p), str(p)), default=None)
+
+
 # ---------------------------------------------------------------------------- readers
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any, Optional, Union
+from urllib.parse import quote
 
 import httpx
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
@@ -23,7 +24,8 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict
 
-from ragserve.errors import BadInput, EngineUnavailable, NotFound, RagServeError
+from ragserve.errors import (AdmissionRejected, BadInput, CollectionDamaged, EngineUnavailable, NotFound,
+                             RagServeError)
 
 QueryInput = Union[str, dict[str, Any]]
 
@@ -32,17 +34,51 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+class AccessDenied(RagServeError, PermissionError):
+    """The server wants an API key (401) or does not accept the one sent (403)."""
+
+
+class RequestTooLarge(BadInput):
+    """The request body is above the server's server.max_body_bytes (413)."""
+
+
 def _raise_for(response: httpx.Response) -> None:
-    """Map the server's JSON errors back onto ragserve's exceptions."""
+    """Map the server's JSON errors (their `type`, else the status) onto ragserve's exceptions."""
     if response.is_success:
         return
     try:
-        message = response.json()["error"]["message"]
+        error = response.json()["error"]
+        message, kind = str(error["message"]), str(error.get("type") or "")
     except Exception:
-        message = response.text[:500]
+        message, kind = response.text[:500], ""
     status = response.status_code
-    cls = {404: NotFound, 422: BadInput, 503: EngineUnavailable}.get(status, RagServeError)
-    raise cls(f"ragserve server answered {status}: {message}")
+    text = f"ragserve server answered {status}: {message}"
+    retry_after = _retry_after_s(response)
+    if kind == "overloaded":   # the server's queue is full: the request was never started
+        raise AdmissionRejected(f"{text} (retry after {retry_after:g} s)", retry_after_s=retry_after)
+    if status in (401, 403):
+        raise AccessDenied(f"{text}; pass api_key= a key the server accepts (its server.api_keys "
+                           "or RAGSERVE_API_KEYS)")
+    if status == 413:
+        raise RequestTooLarge(f"{text}; send fewer or smaller documents per request")
+    if kind == "collection_damaged":
+        raise CollectionDamaged(text)
+    if status == 503:
+        raise EngineUnavailable(f"{text} (retry after {retry_after:g} s)")
+    cls = {404: NotFound, 422: BadInput}.get(status, RagServeError)
+    raise cls(text)
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0
+
+
+def _collection_path(name: str) -> str:
+    """The collection as one URL path segment: a name with '/', '?' or '#' must not change the route."""
+    return quote(name, safe="")
 
 
 def _document(chunk: dict[str, Any]) -> Document:
@@ -83,7 +119,7 @@ class RagServeRetriever(BaseRetriever):
                 for h in hits]
 
     def _request(self, query: str) -> tuple[str, dict[str, Any]]:
-        url = f"{self.base_url.rstrip('/')}/v1/collections/{self.collection}/search"
+        url = f"{self.base_url.rstrip('/')}/v1/collections/{_collection_path(self.collection)}/search"
         return url, {"query": query, "k": self.k, "filters": self.filters}
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun

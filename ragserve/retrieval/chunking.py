@@ -86,29 +86,36 @@ def _read_text_file(path: Path) -> Document:
 
 
 def _read_corpus(path: Path) -> list[Document]:
+    with path.open("rb") as f:
+        return corpus_documents(f, str(path), path.stem)
+
+
+def corpus_documents(lines: Iterable[bytes], name: str, stem: str) -> list[Document]:
+    """The documents of a .jsonl corpus given as byte lines; errors name the corpus `name`,
+    records without an id get `<stem>:<line>`."""
     docs: list[Document] = []
     seen: dict[str, int] = {}  # record id -> line number, to report duplicates
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{str(path)!r} line {lineno}"
-            line = _decode(raw, where).strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{where} is not valid JSON ({e.msg}); each line must be one "
-                               '{"id", "title", "text"} object') from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise BadInput(f"{where} lacks a string 'text' field; each line must be one "
-                               '{"id", "title", "text"} object')
-            doc_id = str(record.get("id") or f"{path.stem}:{lineno}")
-            if doc_id in seen:
-                raise BadInput(f"{where} repeats id {doc_id!r} of line {seen[doc_id]}; ids must be unique")
-            seen[doc_id] = lineno
-            metadata = {k: v for k, v in record.items() if k not in _RECORD_FIELDS}
-            docs.append(Document(id=doc_id, title=str(record.get("title") or ""),
-                                 text=record["text"], metadata=metadata))
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{name!r} line {lineno}"
+        line = _decode(raw, where).strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise BadInput(f"{where} is not valid JSON ({why}); each line must be one "
+                           '{"id", "title", "text"} object') from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BadInput(f"{where} lacks a string 'text' field; each line must be one "
+                           '{"id", "title", "text"} object')
+        doc_id = str(record.get("id") or f"{stem}:{lineno}")
+        if doc_id in seen:
+            raise BadInput(f"{where} repeats id {doc_id!r} of line {seen[doc_id]}; ids must be unique")
+        seen[doc_id] = lineno
+        metadata = {k: v for k, v in record.items() if k not in _RECORD_FIELDS}
+        docs.append(Document(id=doc_id, title=str(record.get("title") or ""),
+                             text=record["text"], metadata=metadata))
     return docs
 
 

@@ -13,6 +13,7 @@ reconstructed vector matrix, so they return the true top-k among matching chunks
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import numbers
 import os
@@ -29,9 +30,9 @@ import numpy as np
 
 from ragserve.config import data_dir
 from ragserve.domain import Chunk, RetrievedChunk
-from ragserve.errors import BadInput, NotFound, RagServeError
-from ragserve.retrieval.generations import (MANIFEST_VERSION, Snapshot, read_current, read_generation,
-                                            write_generation, writer_lock)
+from ragserve.errors import BadInput, CollectionDamaged, NotFound, RagServeError
+from ragserve.retrieval.generations import (MANIFEST_VERSION, Snapshot, gen_name, read_current, read_generation,
+                                            rollback, write_generation, writer_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,21 @@ def list_collections() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if _NAME_RE.fullmatch(p.name) and (p / "CURRENT").is_file())
+
+
+def collection_sizes() -> dict[str, int]:
+    """Chunks per collection, from each committed manifest (no index is loaded); a
+    collection whose manifest does not read is left out."""
+    out = {}
+    for name in list_collections():
+        path = collections_root() / name
+        try:
+            gen = read_current(path)
+            manifest = json.loads((path / gen_name(gen) / "manifest.json").read_text(encoding="utf-8"))
+            out[name] = int(manifest["num_chunks"])
+        except (CollectionDamaged, OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,8 +163,23 @@ class Collection:
                 return cls._from_snapshot(name, read_generation(path, gen))
             except FileNotFoundError:
                 if read_current(path) == gen:
-                    raise
+                    raise CollectionDamaged(f"collection {name!r} names generation {gen}, which is not on "
+                                            "disk; delete it and re-ingest", name) from None
         raise RagServeError(f"collection {name!r} keeps changing while being opened; retry")
+
+    @staticmethod
+    def rollback(name: str) -> tuple[int | None, int]:
+        """Switch `name` back to its previous stored generation (after the latest was found
+        damaged, or to undo the last ingest). Returns (generation left, generation now current)."""
+        validate_name(name)
+        path = collections_root() / name
+        if not (path / "CURRENT").is_file():
+            existing = ", ".join(list_collections()) or "none"
+            raise NotFound(f"collection {name!r} does not exist (existing: {existing})")
+        with writer_lock(path):
+            left, now = rollback(path)
+        logger.warning("collection %s rolled back from generation %s to %d", name, left, now)
+        return left, now
 
     @staticmethod
     def delete(name: str) -> None:
@@ -165,10 +196,14 @@ class Collection:
 
     @classmethod
     def _from_snapshot(cls, name: str, snap: Snapshot) -> "Collection":
+        missing = [f.name for f in fields(CollectionSpec) if f.name not in snap.manifest]
+        if missing:
+            raise CollectionDamaged(f"collection {name!r} manifest lacks {', '.join(missing)}; "
+                                    "delete it and re-ingest", name)
         spec = CollectionSpec(**{f.name: snap.manifest[f.name] for f in fields(CollectionSpec)})
         if snap.index.d != spec.dim:
-            raise RagServeError(f"collection {name!r} index has dim {snap.index.d}, its manifest says "
-                                f"{spec.dim}; delete it and re-ingest")
+            raise CollectionDamaged(f"collection {name!r} index has dim {snap.index.d}, its manifest says "
+                                    f"{spec.dim}; delete it and re-ingest", name)
         col = cls(name, spec)
         col.generation = snap.generation
         vectors = snap.index.reconstruct_n(0, snap.index.ntotal).reshape(-1, spec.dim)  # (n, dim)

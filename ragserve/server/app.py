@@ -9,8 +9,10 @@ no flush: every acknowledged ingest was committed atomically before its response
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any, AsyncIterator
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 import ragserve
 from ragserve.config import Config
-from ragserve.errors import RagServeError
+from ragserve.errors import ConfigError, RagServeError
 from ragserve.runtime import Runtime
 from ragserve.server import routes_collections, routes_health, routes_openai, routes_query
 from ragserve.server.errors import handle_error
@@ -43,6 +45,22 @@ def _warm_up(state: ServerState) -> None:
     if state.tokenizer is None:
         state.tokenizer = load_tokenizer(state.config.engine.model)
     state.runtime.retriever.embedder.encode_query("warm-up")
+    _open_collections(state)
+
+
+def _open_collections(state: ServerState) -> None:
+    """Load every collection now (first queries do not wait for it) and report the ones
+    that do not load: the server still serves the others."""
+    from ragserve.errors import CollectionDamaged, NotFound
+    from ragserve.retrieval.store import list_collections
+
+    for name in list_collections():
+        try:
+            state.check_collection(name)
+        except NotFound:
+            continue
+        except CollectionDamaged as exc:
+            logger.error("%s", exc)
 
 
 @asynccontextmanager
@@ -96,13 +114,39 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound now: a busy port fails in milliseconds, not after the
+    model has loaded. Raises ConfigError naming the address and what to change."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"server.host={host!r} does not resolve ({exc.strerror}); use an address "
+                          "such as 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        what = "is in use by another process" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise ConfigError(f"{host}:{port} {what}; choose another port with --port or server.port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(config: Config) -> None:
-    """Run the server until SIGTERM/SIGINT (uvicorn installs the handlers)."""
+    """Run the server until SIGTERM/SIGINT (uvicorn installs the handlers). The port is bound
+    before anything loads; the model loads in the lifespan, before the socket accepts."""
     import uvicorn
 
+    sock = bind(config.server.host, config.server.port)
     app = create_app(config)
     sc = app.state.ragserve.config.server
     uv = uvicorn.Config(app, host=sc.host, port=sc.port, timeout_graceful_shutdown=math.ceil(sc.shutdown_timeout_s),
                         limit_concurrency=sc.max_connections, access_log=sc.access_log, log_level="info",
                         proxy_headers=False, server_header=False)
-    uvicorn.Server(uv).run()
+    try:
+        uvicorn.Server(uv).run(sockets=[sock])
+    finally:
+        sock.close()

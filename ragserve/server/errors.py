@@ -5,6 +5,7 @@ message: {"error": {"type", "message", "param", "code"}}. `param` names the offe
 field of a 422. Status per exception (see ragserve.errors):
 
     BadInput, ConfigError, NoFeasiblePlan, validation -> 422    NotFound -> 404
+    CollectionDamaged -> 409 (the message says how to roll back or re-ingest)
     Unauthorized -> 401   Forbidden -> 403   PayloadTooLarge -> 413   RequestTimedOut -> 504
     AdmissionRejected, EngineUnavailable -> 503 + Retry-After     EngineDead, other -> 500
 """
@@ -18,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragserve.errors import (AdmissionRejected, BadInput, ConfigError, EngineDead, EngineUnavailable,
+from ragserve.errors import (AdmissionRejected, BadInput, CollectionDamaged, ConfigError, EngineDead, EngineUnavailable,
                              ModelNotAvailable, NoFeasiblePlan, NotFound, RagServeError)
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _STATUS: tuple[tuple[type[RagServeError], int, str], ...] = (
     (Unauthorized, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
     (NotFound, 404, "not_found"),
+    (CollectionDamaged, 409, "collection_damaged"),
     (BadInput, 422, "bad_input"),
     (ConfigError, 422, "bad_config"),
     (NoFeasiblePlan, 422, "no_feasible_plan"),
@@ -57,6 +59,9 @@ _STATUS: tuple[tuple[type[RagServeError], int, str], ...] = (
 )
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 def error_body(kind: str, message: str, param: str | None = None, **extra) -> dict:
     return {"error": {"type": kind, "message": message, "param": param, "code": kind, **extra}}
 
@@ -67,12 +72,23 @@ def describe(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        if first.get("type") == "json_invalid":   # FastAPI puts the byte offset where a field goes
+            where = next((x for x in first["loc"] if isinstance(x, int)), None)
+            ctx = (exc.errors()[0].get("ctx") or {}).get("error")
+            why = str(ctx) if ctx else first["msg"].removeprefix("Invalid JSON: ")
+            at = f" at byte {where}" if where is not None else ""
+            return 422, error_body("validation_error", f"the request body is not valid JSON{at} ({why}); "
+                                   "send one JSON object", None, errors=errors), {}
         loc = [str(x) for x in first["loc"]]
         if loc and loc[0] in ("body", "path", "query", "header", "cookie"):   # where, not which field
             loc = loc[1:]
         field = ".".join(loc) or None
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
         return 422, error_body("validation_error", message, field, errors=errors), {}
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:
+        # FastAPI's answer to a body json.loads rejects with RecursionError: a 422 like any bad JSON
+        return 422, error_body("validation_error", "the request body is not valid JSON (nested too "
+                               "deeply or malformed); send one JSON object", None), {}
     if isinstance(exc, HTTPException):
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error")

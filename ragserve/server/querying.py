@@ -41,6 +41,7 @@ class QueryArgs:
     slo_s: float | None = None
     timeout_s: float | None = None      # the client's deadline, capped by server.request_timeout_s
     steer: bool | None = None           # LLMSteer; None = config.steer for the collection
+    max_answer_tokens: int | None = None    # the client's cap, below synthesis.answer_tokens
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -91,7 +92,8 @@ async def run_query(state: ServerState, request: Request, args: QueryArgs) -> Qu
     with state.admit("query"):
         timeout_s = _timeout_s(state, args)
         result = await _bounded(state, request, controller.query(
-            args.question, args.collection, args.plan, args.filters, args.slo_s, steer=args.steer),
+            args.question, args.collection, args.plan, args.filters, args.slo_s, steer=args.steer,
+            max_answer_tokens=args.max_answer_tokens),
             timeout_s, timeout_s)
     state.metrics.observe_query(result)
     return result
@@ -172,7 +174,8 @@ async def open_stream(state: ServerState, request: Request, args: QueryArgs) -> 
     assert state.runtime is not None
     timeout_s = _timeout_s(state, args)
     inner = state.runtime.controller.query_stream(args.question, args.collection, args.plan,
-                                                  args.filters, args.slo_s, steer=args.steer)
+                                                  args.filters, args.slo_s, steer=args.steer,
+                                                  max_answer_tokens=args.max_answer_tokens)
     stream = QueryStream(state, inner, state.admit("query"), timeout_s)
     try:
         first = await _bounded(state, request, stream.next(), timeout_s + 5.0, timeout_s)

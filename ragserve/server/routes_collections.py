@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
+import io
 import unicodedata
 from pathlib import Path as FsPath
 from typing import Any
@@ -19,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from ragserve.errors import BadInput
-from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, load_documents
+from ragserve.errors import BadInput, CollectionDamaged, NotFound
+from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, corpus_documents
 from ragserve.retrieval.ingest import IngestReport, ingest_documents
-from ragserve.retrieval.store import Collection
+from ragserve.retrieval.store import Collection, list_collections
 from ragserve.server.deps import CollectionPath, QueryAuth, RuntimeDep, StateDep, WriteAuth
 from ragserve.server.schemas import (MAX_DOCUMENTS, CollectionInfo, CollectionList, IngestRequest,
                                      IngestResponse, SearchRequest, SearchResponse, chunk_out)
@@ -46,21 +46,29 @@ INGEST_BODY = {"requestBody": {"required": True, "content": {
 
 def info(col: Collection) -> dict[str, Any]:
     s = col.spec
-    return {"name": col.name, "num_chunks": len(col), "num_documents": col.num_documents,
-            "generation": col.generation, "embedding_model": s.embedding_model, "tokenizer": s.tokenizer,
-            "chunk_tokens": s.chunk_tokens, "chunk_overlap_tokens": s.chunk_overlap_tokens}
+    return {"name": col.name, "status": "ok", "num_chunks": len(col), "num_documents": col.num_documents,
+            "generation": col.generation, "embedding_model": s.embedding_model,
+            "tokenizer": _public_name(s.tokenizer), "chunk_tokens": s.chunk_tokens,
+            "chunk_overlap_tokens": s.chunk_overlap_tokens}
+
+
+def _public_name(tokenizer: str) -> str:
+    """A tokenizer stored as a local folder is shown by its folder name: the server's file
+    layout is not the client's business."""
+    return FsPath(tokenizer).name if "/" in tokenizer or "\\" in tokenizer else tokenizer
 
 
 @router.get("", response_model=CollectionList, dependencies=[QueryAuth])
-async def list_all(runtime: RuntimeDep):
-    from ragserve.retrieval.store import list_collections
-
+async def list_all(state: StateDep):
+    """Every collection; one whose files do not load is listed with status "damaged"."""
     out = []
     for name in list_collections():
         try:
-            out.append(info(runtime.retriever.collection(name)))
-        except KeyError:   # deleted meanwhile
+            out.append(info(state.check_collection(name)))
+        except NotFound:   # deleted meanwhile
             continue
+        except CollectionDamaged as exc:
+            out.append({"name": name, "status": "damaged", "error": str(exc)})
     return {"collections": out}
 
 
@@ -75,7 +83,18 @@ async def delete(name: CollectionPath, state: StateDep):
         Collection.delete(name)
         if state.runtime is not None:
             state.runtime.retriever.forget(name)
+        state.damaged.pop(name, None)
     return Response(status_code=204)
+
+
+@router.post("/{name}/rollback", dependencies=[WriteAuth])
+async def rollback(name: CollectionPath, state: StateDep) -> dict[str, Any]:
+    """Switch the collection back to its previous stored generation (the latest is damaged,
+    or the last ingest is to be undone); the newer generation is deleted."""
+    async with state.collection_lock(name):
+        left, now = await asyncio.to_thread(Collection.rollback, name)
+    state.damaged.pop(name, None)
+    return {"collection": name, "rolled_back_from": left, "generation": now}
 
 
 @router.post("/{name}/search", response_model=SearchResponse, dependencies=[QueryAuth])
@@ -134,23 +153,20 @@ async def _documents_from_files(request: Request) -> list[Document]:
         raise RequestValidationError([{"loc": ("body", "files"), "msg": "Field required: attach one or "
                                        "more .txt/.md/.jsonl files as 'files'", "type": "missing"}])
     docs: list[Document] = []
-    with tempfile.TemporaryDirectory(prefix="ragserve-upload-") as tmp:
-        for upload in files:
-            filename = FsPath(upload.filename or "").name   # never a path: no escape
-            suffix = FsPath(filename).suffix.lower()
-            if not filename or suffix not in TEXT_SUFFIXES + (CORPUS_SUFFIX,):
-                raise BadInput(f"file {upload.filename!r} is not .txt, .md or .jsonl")
-            data = await upload.read()
-            if suffix == CORPUS_SUFFIX:
-                path = FsPath(tmp) / filename
-                path.write_bytes(data)
-                docs.extend(load_documents(path))
-            else:
-                try:
-                    text = data.decode("utf-8-sig")
-                except UnicodeDecodeError as exc:
-                    raise BadInput(f"file {filename!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
-                docs.append(Document(id=filename, title=FsPath(filename).stem, text=text))
+    for upload in files:
+        filename = FsPath(upload.filename or "").name   # never a path: no escape
+        suffix = FsPath(filename).suffix.lower()
+        if not filename or suffix not in TEXT_SUFFIXES + (CORPUS_SUFFIX,):
+            raise BadInput(f"file {upload.filename!r} is not .txt, .md or .jsonl")
+        data = await upload.read()
+        if suffix == CORPUS_SUFFIX:   # parsed in memory: errors name the client's file
+            docs.extend(corpus_documents(io.BytesIO(data), filename, FsPath(filename).stem))
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"file {filename!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
+            docs.append(Document(id=filename, title=FsPath(filename).stem, text=text))
     if len(docs) > MAX_DOCUMENTS:
         raise BadInput(f"{len(docs)} documents in one request, above the limit of {MAX_DOCUMENTS}; split it")
     return docs

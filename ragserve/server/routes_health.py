@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
+from ragserve.errors import RagServeError
 from ragserve.server.deps import StateDep
 from ragserve.server.errors import error_body
 from ragserve.server.state import ServerState
@@ -38,6 +39,15 @@ async def readyz(state: StateDep):
     rt = state.runtime
     checks = {"loaded": state.ready, "engine": rt is not None and engine_alive(rt.engine)}
     if all(checks.values()):
+        # A damaged collection does not make the server unready (the others still serve):
+        # it is reported as "degraded" with the way out, rechecked on every probe.
+        for name in list(state.damaged):
+            try:
+                state.check_collection(name)
+            except RagServeError:
+                pass
+        if state.damaged:
+            return {"status": "degraded", "checks": checks, "damaged_collections": dict(state.damaged)}
         return {"status": "ready", "checks": checks}
     failing = ", ".join(k for k, ok in checks.items() if not ok)
     return JSONResponse({**error_body("not_ready", f"not ready: {failing}"), "checks": checks},

@@ -68,15 +68,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                            x_rag_collection: Annotated[str | None, Header(max_length=64)] = None):
     args = QueryArgs(_question(body), _collection(body.model, x_rag_collection), to_plan(body.plan),
                      None, body.slo_ms / 1000 if body.slo_ms else None,
-                     body.timeout_ms / 1000 if body.timeout_ms else None)
+                     body.timeout_ms / 1000 if body.timeout_ms else None,
+                     max_answer_tokens=body.max_completion_tokens or body.max_tokens)
+    ignored = _ignored_params(body)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
         result = await run_query(state, request, args)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": _usage(result), "ragserve": query_response(result)}
+                             "finish_reason": result.finish_reason, "logprobs": None}],
+                "usage": _usage(result), "ragserve": {**query_response(result), "ignored_params": ignored}}
 
     stream = await open_stream(state, request, args)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -91,7 +93,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         try:
             async for event in stream.events():
                 if isinstance(event, QueryResult):
-                    yield chunk({}, "stop", ragserve={"event": "done", **query_response(event)})
+                    yield chunk({}, event.finish_reason, ragserve={"event": "done", **query_response(event),
+                                                                   "ignored_params": ignored})
                     if include_usage:
                         yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                    "model": body.model, "choices": [], "usage": _usage(event)})
@@ -104,6 +107,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         yield sse("[DONE]")
 
     return EventStream(events(), stream.close)
+
+
+def _ignored_params(body: ChatCompletionRequest) -> list[str]:
+    """The request's decoding and other OpenAI parameters this server does not apply."""
+    extra = sorted(k for k in (body.model_extra or {}) if k not in _HARMLESS)
+    return [k for k in ("temperature", "top_p") if getattr(body, k) is not None] + extra
+
+
+# Sent by OpenAI clients by default; they change nothing a RAG answer would differ by.
+_HARMLESS = frozenset({"user", "metadata", "store", "n"})
 
 
 @router.get("/models", dependencies=[QueryAuth])

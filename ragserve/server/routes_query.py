@@ -31,7 +31,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def args_of(body: QueryRequest) -> QueryArgs:
     return QueryArgs(body.query, body.collection, to_plan(body.plan), body.filters,
                      body.slo_ms / 1000 if body.slo_ms else None,
-                     body.timeout_ms / 1000 if body.timeout_ms else None, body.steer)
+                     body.timeout_ms / 1000 if body.timeout_ms else None, body.steer, body.max_tokens)
 
 
 @router.post("/query", response_model=QueryResponse, dependencies=[QueryAuth],

@@ -69,13 +69,16 @@ class IngestResponse(BaseModel):
 
 class CollectionInfo(BaseModel):
     name: str
-    num_chunks: int
-    num_documents: int
-    generation: int
-    embedding_model: str
-    tokenizer: str
-    chunk_tokens: int
-    chunk_overlap_tokens: int
+    status: Literal["ok", "damaged"] = Field(
+        "ok", description="damaged: its files do not load; `error` says how to roll back or re-ingest.")
+    error: str | None = None
+    num_chunks: int | None = None
+    num_documents: int | None = None
+    generation: int | None = None
+    embedding_model: str | None = None
+    tokenizer: str | None = Field(None, description="The tokenizer chunk sizes are counted in (its name).")
+    chunk_tokens: int | None = None
+    chunk_overlap_tokens: int | None = None
 
 
 class CollectionList(BaseModel):
@@ -162,6 +165,9 @@ class QueryRequest(BaseModel):
     stream: bool = Field(False, description="Server-Sent Events: plan, then token pieces, then done.")
     steer: bool | None = Field(None, description="LLMSteer: attend more to the chunks' key tokens "
                                                  "(embedded engine); null = the server's steer config.")
+    max_tokens: int | None = Field(None, ge=1, le=32768,
+                                   description="Cap on the answer's tokens, at most the server's "
+                                               "synthesis.answer_tokens; finish_reason says 'length' when hit.")
 
     _query = field_validator("query")(_not_blank)
     _plan = field_validator("plan")(_check_plan)
@@ -182,6 +188,8 @@ class QueryResponse(BaseModel):
     timings: dict[str, float] = Field(description="Seconds: retrieve, profile, queue, ttft, total.")
     tokens: dict[str, int]
     num_calls: int
+    finish_reason: Literal["stop", "length"] = Field(
+        "stop", description="length: the answer stopped at its token cap (max_tokens or synthesis.answer_tokens).")
 
 
 # ---------------------------------------------------------------------------- bodies from results
@@ -203,7 +211,7 @@ def query_response(result: QueryResult) -> dict[str, Any]:
             "decision": decision, "chunks": [chunk_out(h) for h in result.chunks],
             "timings": result.timings.to_dict(),
             "tokens": {"prompt": result.prompt_tokens, "output": result.output_tokens},
-            "num_calls": result.num_calls}
+            "num_calls": result.num_calls, "finish_reason": result.finish_reason}
 
 
 def planned_event(planned: Planned) -> dict[str, Any]:
@@ -242,8 +250,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI's request; other OpenAI parameters are accepted and ignored (the answer's
-    length and decoding are server settings)."""
+    """OpenAI's request. `max_tokens`/`max_completion_tokens` cap the answer (at most the
+    server's synthesis.answer_tokens). Decoding is greedy: `temperature` and `top_p` are
+    accepted (clients send them by default) and ignored; the response names them under
+    ragserve.ignored_params. Other OpenAI parameters are ignored the same way."""
 
     model_config = ConfigDict(extra="allow")
 

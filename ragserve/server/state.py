@@ -70,6 +70,7 @@ class ServerState:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     queries: Admission = field(init=False)
     ingests: Admission = field(init=False)
+    damaged: dict[str, str] = field(default_factory=dict)   # collection -> why it does not load
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,23 @@ class ServerState:
         except AdmissionRejected:
             self.metrics.rejected.labels(kind).inc()
             raise
+
+    def check_collection(self, name: str) -> Any:
+        """Open `name` (returns the collection) and record whether it loads in `damaged`;
+        NotFound and CollectionDamaged propagate."""
+        from ragserve.errors import CollectionDamaged, NotFound
+
+        assert self.runtime is not None
+        try:
+            col = self.runtime.retriever.collection(name)
+        except CollectionDamaged as exc:
+            self.damaged[name] = str(exc)
+            raise
+        except NotFound:
+            self.damaged.pop(name, None)
+            raise
+        self.damaged.pop(name, None)
+        return col
 
     def collection_lock(self, name: str) -> asyncio.Lock:
         """Serializes writes (ingest, delete) to one collection within this server."""

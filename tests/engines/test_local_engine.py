@@ -113,3 +113,18 @@ def test_call_larger_than_budget_is_rejected_with_numbers():
             asyncio.run(engine.generate([call(QUESTIONS[0], max_tokens=200)]))
     finally:
         asyncio.run(engine.close())
+
+
+def test_model_is_called_with_the_current_cache_argument(smollm2_engine, monkeypatch):
+    """transformers 5 renamed `past_key_values` to `cache` (the old name warns on every run)."""
+    model = smollm2_engine.runner.model
+    seen: list[str] = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        seen.extend(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    asyncio.run(smollm2_engine.generate([call(QUESTIONS[0], max_tokens=3)]))
+    assert "cache" in seen and "past_key_values" not in seen

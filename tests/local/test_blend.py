@@ -84,7 +84,7 @@ def reference(fp32, prompt):
 @torch.inference_mode()
 def hf_prefill(model, ids, past: DynamicCache | None = None, start: int = 0):
     cache = past if past is not None else DynamicCache()
-    out = model(input_ids=torch.tensor([ids[start:]]), past_key_values=cache, use_cache=True,
+    out = model(input_ids=torch.tensor([ids[start:]]), cache=cache, use_cache=True,
                 position_ids=torch.arange(start, len(ids)).view(1, -1))
     return cache, out.logits[0, -1].float()
 

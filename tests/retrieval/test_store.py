@@ -17,7 +17,7 @@ import pytest
 from retrieval_factories import make_chunks, make_spec, make_vectors
 
 from ragserve.domain import Chunk
-from ragserve.errors import BadInput, NotFound
+from ragserve.errors import BadInput, CollectionDamaged, NotFound
 from ragserve.retrieval.store import Collection, list_collections
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +116,8 @@ def test_sigkill_mid_commit_leaves_a_loadable_collection(data_dir: Path, stage: 
     col.add(make_chunks(1, doc_id="after"), make_vectors(1, seed=9))
     assert len(Collection.open("docs")) == expected + 1
     entries = sorted(p.name for p in (data_dir / "collections/docs").iterdir())
-    assert entries == [".lock", "CURRENT", f"gen-{col.generation:06d}"]
+    # the new generation and the one it replaced (kept for rollback)
+    assert entries == [".lock", "CURRENT", f"gen-{col.generation - 1:06d}", f"gen-{col.generation:06d}"]
 
 
 def test_filters_return_top_k_among_matching_only():
@@ -203,3 +204,70 @@ def test_embeddings_must_match_chunks():
     col = Collection.create_or_open("docs", make_spec())
     with pytest.raises(BadInput, match=r"\(2, 8\)"):
         col.add(make_chunks(2), make_vectors(3))
+
+
+def _current_dir(data_dir: Path, name: str = "docs") -> Path:
+    root = data_dir / "collections" / name
+    return root / (root / "CURRENT").read_text().strip()
+
+
+@pytest.mark.parametrize("damage", ["truncate index.faiss", "cut-mid-line chunks.jsonl",
+                                    "flip a byte of index.faiss", "remove index.faiss"])
+def test_damaged_generation_is_detected_and_rolled_back(data_dir: Path, damage: str):
+    make_collection(n=3)
+    col = Collection.open("docs")
+    col.add(make_chunks(2, doc_id="more"), make_vectors(2, seed=3))
+    gen_dir = _current_dir(data_dir)
+    action, fname = damage.split()[0], damage.split()[-1]
+    target = gen_dir / fname
+    data = target.read_bytes()
+    if action == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif action == "cut-mid-line":
+        target.write_bytes(data[: data.index(b"\n") + 10])
+    elif action == "flip":
+        target.write_bytes(data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
+    else:
+        target.unlink()
+    with pytest.raises(CollectionDamaged, match=r"'docs' is damaged .*collections rollback docs"):
+        Collection.open("docs")
+    assert list_collections() == ["docs"]        # still listed, so it can be rolled back or deleted
+    assert Collection.rollback("docs") == (col.generation, col.generation - 1)
+    back = Collection.open("docs")
+    assert len(back) == 3 and back.generation == col.generation - 1
+    back.add(make_chunks(1, doc_id="after"), make_vectors(1, seed=4))   # commits go on from there
+    assert len(Collection.open("docs")) == 4
+
+
+def test_damaged_only_generation_says_delete_and_reingest(data_dir: Path):
+    make_collection(n=3)
+    (_current_dir(data_dir) / "chunks.jsonl").write_text("{not json\n")
+    with pytest.raises(CollectionDamaged, match="delete it .* and re-ingest") as info:
+        Collection.open("docs")
+    assert "rollback" not in str(info.value)
+    with pytest.raises(CollectionDamaged, match="no earlier generation"):
+        Collection.rollback("docs")
+    Collection.delete("docs")
+    assert list_collections() == []
+
+
+def test_cli_lists_damage_and_rolls_back(data_dir: Path):
+    make_collection("good", n=2)
+    make_collection("docs", n=3)
+    Collection.open("docs").add(make_chunks(2, doc_id="more"), make_vectors(2, seed=3))
+    (_current_dir(data_dir) / "index.faiss").write_bytes(b"torn")
+    env = {**os.environ, "RAGSERVE_DATA": str(data_dir)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ragserve.cli", "collections", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    listed = cli("list")
+    assert listed.returncode == 1
+    assert "docs\tdamaged\t" in listed.stdout and "good\tok\t2 chunks" in listed.stdout
+    rolled = cli("rollback", "docs")
+    assert rolled.returncode == 0, rolled.stderr
+    assert "generation 1 is current again" in rolled.stdout
+    assert cli("list").returncode == 0 and len(Collection.open("docs")) == 3
+    missing = cli("rollback", "nope")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -42,3 +42,37 @@ def test_serve_accepts_config_after_the_subcommand():
     args = _parser().parse_args(["serve", "--config", "x.yaml", "--port", "9000"])
     assert args.config == "x.yaml" and args.port == 9000 and args.host is None
     assert _parser().parse_args(["--config", "y.yaml", "serve"]).config == "y.yaml"
+
+
+def _serve(tmp_path, *args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "RAGSERVE_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ragserve.cli", "serve", *args], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[2], timeout=120)
+
+
+def test_busy_port_fails_before_the_model_loads(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _serve(tmp_path, "--host", "127.0.0.1", "--port", str(port))
+    assert out.returncode == 2
+    assert f"127.0.0.1:{port} is in use by another process; choose another port" in out.stderr
+    # nothing was loaded: no engine, model or index log line came before the error
+    assert "ragserve.engines" not in out.stderr and "ragserve.runtime" not in out.stderr
+    assert "Loading checkpoint" not in out.stderr and "ragserve ready" not in out.stderr
+
+
+def test_config_error_comes_before_any_loader_log(tmp_path):
+    (tmp_path / "bad.yaml").write_text("server:\n  prot: 1\n")
+    out = _serve(tmp_path, "--config", str(tmp_path / "bad.yaml"))
+    assert out.returncode == 2
+    assert out.stderr.startswith("ragserve: error: ") and "server.prot" in out.stderr
+    assert "faiss" not in out.stderr.lower()

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import shutil
 
-from tests.ui.conftest import EVAL_RUN, SWEEP
+from tests.ui.conftest import EVAL_RUN, REPO, SWEEP
 from ui.charts import FRONTIER_NAME
+from ui.data import default_set, discover
 
 
 def figure(at, index: int = 0) -> dict:
@@ -28,6 +29,9 @@ BOTH = ["eval/results/smoke-squad", "profiles/smollm2/squad"]
 def test_opens_on_one_set_and_draws_the_frontier(app):
     at = app()
     assert not at.exception and len(at.multiselect(key="tr_sources").value) == 1
+    # the largest (then newest) set, not the 5-query SmolLM2 sweep
+    assert at.multiselect(key="tr_sources").value == [str(default_set(discover(REPO)).relative_to(REPO))]
+    assert at.multiselect(key="tr_sources").value[0] not in BOTH
     assert set(BOTH) <= set(at.multiselect(key="tr_sources").options)
     assert at.get("plotly_chart")
 

@@ -2,7 +2,8 @@
 Chromium (Debian's, through Playwright) against a real `ragserve serve`.
 
 Loads a result set by path, checks the frontier chart renders (and its hover), asks a
-question and waits for the answer. Screenshots go to eval/results/ui_*.png.
+question and waits for the answer. Screenshots (ui_*.png) go to a temp dir, or to
+RAGSERVE_SCREENSHOTS when set (e.g. eval/results, to refresh the committed ones).
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ pytestmark = [pytest.mark.model, pytest.mark.browser, pytest.mark.timeout(900)]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = REPO / "eval" / "results"
 UI_START_TIMEOUT_S = 120
 QUERY_TIMEOUT_MS = 300_000
 VIEWPORT = {"width": 1400, "height": 1000}
@@ -86,11 +86,19 @@ def page(tmp_path):
             context.close()
 
 
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    """Where the screenshots go: never into the checkout unless asked (a test run leaves it clean)."""
+    path = Path(os.environ.get("RAGSERVE_SCREENSHOTS") or tmp_path / "screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def visible(page, selector: str):
     return page.locator(f"{selector} >> visible=true")
 
 
-def test_explorer_in_chromium(ui_url, page, tmp_path):
+def test_explorer_in_chromium(ui_url, page, tmp_path, screenshots):
     run = tmp_path / "results" / "smoke-squad-copy"
     shutil.copytree(EVAL_RUN, run)
     page.goto(ui_url, wait_until="domcontentloaded")
@@ -120,7 +128,7 @@ def test_explorer_in_chromium(ui_url, page, tmp_path):
     hover = chart.locator(".hoverlayer .hovertext", has_text="examples:")
     hover.wait_for(timeout=10_000)
     assert "plan: " in (hover.text_content() or "")
-    page.screenshot(path=str(SCREENSHOTS / "ui_tradeoff.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "ui_tradeoff.png"), full_page=True)
     page.set_viewport_size(VIEWPORT)
 
     # 2. Ask a question on the server; METIS plans it and the answer streams in.
@@ -135,4 +143,4 @@ def test_explorer_in_chromium(ui_url, page, tmp_path):
     assert visible(page, "[data-testid='stMetricLabel']:has-text('Chosen plan')").count() == 1
     assert re.search(r"METIS chose \S+", page.locator("body").inner_text())
     page.set_viewport_size(TALL)
-    page.screenshot(path=str(SCREENSHOTS / "ui_query.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "ui_query.png"), full_page=True)

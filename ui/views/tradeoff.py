@@ -7,7 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from ui.charts import tradeoff_figure
-from ui.data import (Filters, ResultFileError, ResultRow, ResultSet, TradeoffPoint, discover, filter_options,
+from ui.data import (Filters, ResultFileError, ResultRow, ResultSet, TradeoffPoint, default_set, discover,
+                     filter_options,
                      filter_rows, load_result_set, rows_of, tradeoff_points)
 
 METRICS = {"f1": "F1", "quality": "primary quality"}
@@ -87,10 +88,10 @@ def _inspect(rows: list[ResultRow], points: list[TradeoffPoint], group_by: str) 
 def render(repo: Path) -> None:
     st.subheader("Quality vs latency")
     found = {_label(p, repo): p for p in discover(repo)}
-    newest = max(found, key=lambda label: max(_stamp(found[label]), default=0.0), default=None)
+    first = default_set(list(found.values()))
     chosen = st.multiselect("Result sets (eval/results runs, profiles/ sweeps)", list(found),
-                            default=[newest] if newest else [], key="tr_sources",
-                            help="Opens on the newest; add more to compare them on one chart.")
+                            default=[_label(first, repo)] if first else [], key="tr_sources",
+                            help="Opens on the largest (then newest) set; add more to compare them on one chart.")
     extra = st.text_input("Another result directory (an eval run or a tuning sweep)", key="tr_extra",
                           placeholder="eval/results/squad-qwen or /path/to/profiles/qwen/squad")
     paths = [found[label] for label in chosen]

@@ -173,7 +173,7 @@ class ModelRunner:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         cache=cache, use_cache=True, logits_to_keep=1,
                          **self._steer_kwargs(steer, [len(p) for p in prompts], t, t))
         return BatchKV(cache, mask, mask.sum(-1)), out.logits[:, -1, :].float()
 
@@ -185,7 +185,7 @@ class ModelRunner:
         n = len(prompt)
         ids = torch.tensor([list(prompt[start:])], dtype=torch.long, device=self.device)
         pos = torch.arange(start, n, device=self.device).view(1, -1)
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True,
                          logits_to_keep=1, **self._steer_kwargs([steer], [n], n, n - start))
         mask = torch.ones((1, n), dtype=torch.long, device=self.device)
         return BatchKV(cache, mask, torch.tensor([n], device=self.device)), out.logits[:, -1, :].float()
@@ -199,7 +199,7 @@ class ModelRunner:
         mask = torch.cat([kv.mask, torch.ones((kv.size, 1), dtype=kv.mask.dtype, device=kv.mask.device)], -1)
         grown = kv.positions + 1   # each row's length once this token is in
         out = self.model(input_ids=tokens.view(-1, 1).to(self.device), attention_mask=mask,
-                         position_ids=kv.positions.view(-1, 1), past_key_values=kv.cache, use_cache=True,
+                         position_ids=kv.positions.view(-1, 1), cache=kv.cache, use_cache=True,
                          **self._steer_kwargs(steer, grown, mask.shape[1], 1))
         return BatchKV(kv.cache, mask, grown), out.logits[:, -1, :].float()
 
