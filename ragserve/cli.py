@@ -155,9 +155,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None:
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.retrieval.store import Collection
+    from ragserve.retrieval.base import open_store
 
-    chunks = list(Collection.open(collection).iter_chunks())
+    chunks = list(open_store(config.retrieval).open(collection).iter_chunks())
     engine = LocalEngine(config.engine, blend=replace(config.blend, enabled=True))
     try:
         stats = engine.precompute_kv(chunks, steer=steer)
@@ -174,18 +174,18 @@ def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None
 
 def cmd_query(args: argparse.Namespace) -> int:
     from ragserve.controller import validate_question
-    from ragserve.retrieval.store import Collection
+    from ragserve.retrieval.base import open_store
     from ragserve.runtime import build_runtime, parse_plan
 
     validate_question(args.question)              # fail fast, before loading a model
     plan = parse_plan(args.plan) if args.plan else None
     filters = _filters(args.filter)
-    col = Collection.open(args.collection)
+    config = _config(args)
+    col = open_store(config.retrieval).open(args.collection)
     if plan and plan.num_chunks > len(col):     # fail before loading a model
         from ragserve.errors import BadInput
         raise BadInput(f"num_chunks {plan.num_chunks} is above the size of collection "
                        f"{args.collection!r} ({len(col)} chunks)")
-    config = _config(args)
     if args.blend:
         config = replace(config, blend=replace(config.blend, enabled=True))
 

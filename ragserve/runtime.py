@@ -8,6 +8,7 @@ from ragserve.config import Config
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput
+from ragserve.retrieval.base import open_store
 from ragserve.retrieval.embeddings import Embedder
 from ragserve.retrieval.ingest import Retriever
 
@@ -69,7 +70,7 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
 
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
-    retriever = Retriever(embedder)
+    retriever = Retriever(embedder, open_store(config.retrieval))
     profiler = None
     if metis and config.metis.profiler_endpoint is not None and learned is None:
         from ragserve.engines.vllm.endpoint import EndpointGenerator

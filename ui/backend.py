@@ -218,9 +218,11 @@ class InProcessBackend:
             return ctl
 
     def collections(self) -> list[str]:
-        from ragserve.retrieval.store import list_collections
+        from ragserve.retrieval.base import open_store
 
-        return list_collections()
+        ctl = next(iter(self._controllers.values()), None)
+        store = getattr(getattr(ctl, "_retriever", None), "store", None)   # the controller's store
+        return (store or open_store()).list_collections()
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,
                      slo_ms: float | None = None, blend: bool = False) -> Iterator[Event]:

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from ragserve.errors import BadInput
 from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, load_documents
 from ragserve.retrieval.ingest import IngestReport, ingest_documents
-from ragserve.retrieval.store import Collection
+from ragserve.retrieval.base import StoredCollection
 from ragserve.server.deps import CollectionPath, QueryAuth, RuntimeDep, StateDep, WriteAuth
 from ragserve.server.schemas import (MAX_DOCUMENTS, CollectionInfo, CollectionList, IngestRequest,
                                      IngestResponse, SearchRequest, SearchResponse, chunk_out)
@@ -44,7 +44,7 @@ INGEST_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}}
 
 
-def info(col: Collection) -> dict[str, Any]:
+def info(col: StoredCollection) -> dict[str, Any]:
     s = col.spec
     return {"name": col.name, "num_chunks": len(col), "num_documents": col.num_documents,
             "generation": col.generation, "embedding_model": s.embedding_model, "tokenizer": s.tokenizer,
@@ -53,10 +53,8 @@ def info(col: Collection) -> dict[str, Any]:
 
 @router.get("", response_model=CollectionList, dependencies=[QueryAuth])
 async def list_all(runtime: RuntimeDep):
-    from ragserve.retrieval.store import list_collections
-
     out = []
-    for name in list_collections():
+    for name in runtime.retriever.store.list_collections():
         try:
             out.append(info(runtime.retriever.collection(name)))
         except KeyError:   # deleted meanwhile
@@ -72,9 +70,12 @@ async def inspect(name: CollectionPath, runtime: RuntimeDep):
 @router.delete("/{name}", status_code=204, dependencies=[WriteAuth])
 async def delete(name: CollectionPath, state: StateDep):
     async with state.collection_lock(name):
-        Collection.delete(name)
         if state.runtime is not None:
+            state.runtime.retriever.store.delete(name)
             state.runtime.retriever.forget(name)
+        else:
+            from ragserve.retrieval.base import open_store
+            open_store(state.config.retrieval).delete(name)
     return Response(status_code=204)
 
 
@@ -110,7 +111,8 @@ async def ingest(name: CollectionPath, request: Request, state: StateDep):
 def _ingest(state: ServerState, docs: list[Document], name: str) -> IngestReport:
     assert state.runtime is not None
     return ingest_documents(docs, name, state.tokenizer, state.runtime.retriever.embedder,
-                            state.config.retrieval, progress=False, source=f"an HTTP ingest into {name!r}")
+                            state.config.retrieval, progress=False, source=f"an HTTP ingest into {name!r}",
+                            store=state.runtime.retriever.store)
 
 
 def _text_id(text: str) -> str:
