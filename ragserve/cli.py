@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
+    t.add_argument("--ray", metavar="auto|ADDRESS|local",
+                   help="run the sweep's (query, plan) cells on Ray workers, each with its own engine: auto or "
+                        "HOST:PORT = a running cluster, local = a private one on 127.0.0.1 (pip install -e '.[scale]')")
+    t.add_argument("--ray-workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
     return p
 
 
@@ -300,7 +304,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             grid=parse_grid(args.grid) if args.grid else DEFAULT_TUNE_GRID, seed=args.seed,
                             corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
                             datasets_root=args.datasets_dir, progress=not args.no_progress,
-                            command=_command_line(args), holdout=args.holdout)
+                            command=_command_line(args), holdout=args.holdout, ray=args.ray,
+                            ray_workers=args.ray_workers)
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise BadInput(f"--ray-workers {args.ray_workers} must be >= 1")
     run_tune(settings, config)
     print((out / "summary.md").read_text())
     return 0
