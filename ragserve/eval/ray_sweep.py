@@ -96,16 +96,20 @@ def connect(address: str, num_workers: int | None) -> tuple[bool, str | None]:
 
 
 def ray_sweep(settings: Any, config: Config, spec: Any, questions: Sequence[dict[str, Any]],
-              collection: str, done: set[tuple[str, str]]) -> None:
-    """The sweep of tuning.run_tune with the cells run by Ray workers (module docstring)."""
+              collection: str, done: set[tuple[str, str]]) -> dict[str, Any]:
+    """The sweep of tuning.run_tune with the cells run by Ray workers (module docstring);
+    returns tuning.SweepStats.to_dict()."""
+    import time
+
     import ray
     from tqdm import tqdm
 
-    from ragserve.eval.tuning import append_record, sweep_cells
+    from ragserve.eval.tuning import SweepStats, append_record, sweep_cells
 
     todo = sweep_cells(settings, questions, done)
     if not todo:
-        return
+        return SweepStats(0, 0, 0.0, 0.0).to_dict()
+    t0 = time.perf_counter()
     if config.retrieval.store == "milvus" and config.retrieval.milvus.resolved_uri().endswith(".db"):
         raise BadInput("Ray workers cannot share a Milvus Lite file (one process per file): set "
                        "retrieval.milvus.uri to a Milvus server, or run the sweep without --ray")
@@ -119,6 +123,7 @@ def ray_sweep(settings: Any, config: Config, spec: Any, questions: Sequence[dict
         workers = [actor.remote(config, settings.dataset, collection, settings.doc_filter, env) for _ in range(num)]
         pids = ray.get([w.warm_up.remote(todo[0][0]) for w in workers])
         logger.info("tune on Ray: %d cells over %d workers (pids %s)", len(todo), num, pids)
+        t1 = time.perf_counter()
         queue = list(reversed(todo))
         in_flight: dict[Any, Any] = {}
 
@@ -143,7 +148,9 @@ def ray_sweep(settings: Any, config: Config, spec: Any, questions: Sequence[dict
                 append_record(settings.out, record)
                 bar.update(1)
                 submit(w)
+        stats = SweepStats(len(todo), num, t1 - t0, time.perf_counter() - t1)
         ray.get([w.close.remote() for w in workers])
+        return stats.to_dict()
     finally:
         for w in workers:
             ray.kill(w)

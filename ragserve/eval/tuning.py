@@ -364,17 +364,33 @@ def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
     if settings.ray:
         from ragserve.eval.ray_sweep import ray_sweep
 
-        ray_sweep(settings, config, spec, questions, corpus.collection, done)
+        sweep = ray_sweep(settings, config, spec, questions, corpus.collection, done)
     else:
-        asyncio.run(_sweep(settings, config, spec, questions, corpus.collection, done))
+        sweep = asyncio.run(_sweep(settings, config, spec, questions, corpus.collection, done))
     records = read_records(out)
     load = {"loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(_cpu_s() - cpu0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(_cpu_s() - cpu0, 1),
+            "sweep": sweep}
     meta = replace(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True, machine_load=load,
                    elapsed_s=round(meta.elapsed_s + time.perf_counter() - t0, 1))
     write_meta(out, meta)
     write_labels(out, records, meta.tolerance)
     return write_summary(out, meta, records)
+
+
+@dataclass(frozen=True)
+class SweepStats:
+    """How a sweep ran (meta.json machine_load.sweep): its throughput, apart from start-up."""
+
+    num_cells: int
+    num_workers: int          # Ray workers; 0 = in process
+    startup_s: float          # engines loaded and warmed up (and the Ray cluster started)
+    cells_s: float            # from the first cell to the last record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_cells": self.num_cells, "num_workers": self.num_workers, "startup_s": round(self.startup_s, 2),
+                "cells_s": round(self.cells_s, 2),
+                "cells_per_s": round(self.num_cells / self.cells_s, 4) if self.cells_s > 0 else None}
 
 
 def sweep_cells(settings: TuneSettings, questions: Sequence[dict[str, Any]],
@@ -410,7 +426,8 @@ async def run_cell(controller: Any, spec: Any, q: dict[str, Any], plan: RagPlan,
 
 
 async def _sweep(settings: TuneSettings, config: Config, spec: Any, questions: Sequence[dict[str, Any]],
-                 collection: str, done: set[tuple[str, str]]) -> None:
+                 collection: str, done: set[tuple[str, str]]) -> dict[str, Any]:
+    """Runs the cells in process; returns SweepStats.to_dict()."""
     from tqdm import tqdm
 
     from ragserve.controller import Controller
@@ -418,12 +435,15 @@ async def _sweep(settings: TuneSettings, config: Config, spec: Any, questions: S
 
     todo = sweep_cells(settings, questions, done)
     if not todo:
-        return
+        return SweepStats(0, 0, 0.0, 0.0).to_dict()
+    t0 = time.perf_counter()
     rt = build_runtime(config, metis=False)
     controller = Controller(rt.engine, rt.retriever, config)
     try:
         await warm_up(controller, spec, todo[0][0], collection, settings.doc_filter)
+        t1 = time.perf_counter()
         for q, plan in tqdm(todo, desc=f"tune {settings.dataset}", unit="run", disable=not settings.progress):
             append_record(settings.out, await run_cell(controller, spec, q, plan, collection, settings.doc_filter))
+        return SweepStats(len(todo), 0, t1 - t0, time.perf_counter() - t1).to_dict()
     finally:
         await rt.close()
