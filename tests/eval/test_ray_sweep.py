@@ -34,13 +34,16 @@ def test_ray_sweep_equals_the_local_sweep_and_resumes(data_dir, tmp_path):
     import ray
 
     local, on_ray = tmp_path / "local", tmp_path / "ray"
-    assert main(TUNE + ["--out", str(local)]) == 0
+    config = tmp_path / "short.yaml"
+    config.write_text("synthesis: {answer_tokens: 8}\n")    # short answers: the test is about the records
+    tune = ["--config", str(config)] + TUNE
+    assert main(tune + ["--out", str(local)]) == 0
     # Resume: a profile holding one finished cell; the Ray run adds only the other three.
     first = (local / "records.jsonl").read_text().splitlines()[0]
     on_ray.mkdir()
     (on_ray / "records.jsonl").write_text(first + "\n")
     (on_ray / "meta.json").write_text((local / "meta.json").read_text())
-    assert main(TUNE + ["--out", str(on_ray), "--ray", "local", "--ray-workers", "2"]) == 0
+    assert main(tune + ["--out", str(on_ray), "--ray", "local", "--ray-workers", "2"]) == 0
     assert not ray.is_initialized()                          # the private cluster is shut down
     assert len((on_ray / "records.jsonl").read_text().splitlines()) == 4
     got, want = records(on_ray), records(local)
