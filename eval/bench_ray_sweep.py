@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--runs", default="local:1,local:2,ray:1,ray:2",
                     help="comma-separated MODE:N; local:N = in process with N threads, ray:N = N Ray workers")
     ap.add_argument("--out", default="eval/results/bench_ray_sweep")
+    ap.add_argument("--prior", help="JSON list of rows of an earlier run of the same settings to report too")
     args = ap.parse_args()
     from ragserve.cli import main as cli
 
@@ -42,7 +43,7 @@ def main() -> int:
     os.environ["RAGSERVE_DATA"] = str(data / "data")
     base = ["tune", "--dataset", args.dataset, "--num", str(args.num), "--model", "smollm2", "--corpus-limit",
             str(args.corpus_limit), "--grid", args.grid, "--no-progress"]
-    rows, reference = [], None
+    rows, reference = (json.loads(Path(args.prior).read_text()) if args.prior else []), None
     for run in args.runs.split(","):
         mode, n = run.split(":")
         out = data / run.replace(":", "-")

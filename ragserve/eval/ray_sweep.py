@@ -12,8 +12,8 @@ Workers read the collection through the configured store: FAISS files need the s
 on every host (one machine, or a shared filesystem); retrieval.store: milvus with a server
 URI serves any host. Milvus Lite opens its file in one process only: not for Ray workers.
 
-"local" starts a private cluster on 127.0.0.1 (one CPU per worker, a 200 MB object store, no
-dashboard, no usage stats) and stops it at the end; an address or "auto" connects to a running
+"local" starts a private cluster listening on 127.0.0.1 only (one CPU per worker, a 200 MB
+object store, no dashboard, no usage stats) and stops it at the end; an address or "auto" connects to a running
 cluster and only removes this sweep's actors.
 """
 from __future__ import annotations
@@ -77,11 +77,17 @@ def _actor_class():
 def connect(address: str, num_workers: int | None) -> tuple[bool, str | None]:
     """ray.init for `address`; returns (this process started the cluster, its temp dir)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address == "local":
+        # Ray swaps 127.0.0.1 for the host's reachable IP and its servers then listen on every
+        # interface; as a single-host "cluster" (its macOS/Windows default) it keeps loopback.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     try:
         import ray
+        from ray._private import ray_constants
     except ImportError:
         raise BadInput("--ray needs Ray: pip install -e '.[scale]'") from None
     if address == "local":
+        ray_constants.ENABLE_RAY_CLUSTER = False     # read at import: Ray may be imported already
         temp_dir = tempfile.mkdtemp(prefix="ragserve-ray-", dir="/tmp")   # short: Ray's socket paths
         ray.init(address="local", num_cpus=num_workers or os.cpu_count() or 1, _node_ip_address="127.0.0.1",
                  object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, _temp_dir=temp_dir,

@@ -3,6 +3,7 @@ gives the same records as the in-process sweep (greedy decoding), and resumes li
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,18 @@ def test_ray_sweep_equals_the_local_sweep_and_resumes(data_dir, tmp_path):
     meta = json.loads((on_ray / "meta.json").read_text())
     assert meta["complete"] and "--ray" in meta["command"]
     assert (on_ray / "labels.jsonl").read_text() != ""
+
+
+def test_local_cluster_listens_on_loopback_only():
+    import ray
+
+    from ragserve.eval.ray_sweep import connect
+
+    started, temp_dir = connect("local", 1)
+    try:
+        assert started and ray._private.worker._global_node.node_ip_address == "127.0.0.1"
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not ray.is_initialized()
