@@ -180,9 +180,9 @@ class MilvusStore(VectorStore):
         """Publish `generation` of `name`: one single-row insert (the atomic step)."""
         self.client.insert(self.catalog, [{"pk": f"{name}:{generation:012d}", "name": name,
                                            "generation": generation, "manifest": manifest, "vec": [0.0, 0.0]}])
-        old = [r["generation"] for r in self._commits(name) if r["generation"] < generation - 1]
-        if old:
-            self.client.delete(self.catalog, filter=f"name == {_lit(name)} and generation < {generation - 1}")
+        # Older entries are never read again (the latest wins); keep the previous one for handles
+        # that have not reloaded yet.
+        self.client.delete(self.catalog, filter=f"name == {_lit(name)} and generation < {generation - 1}")
 
     # ---- VectorStore --------------------------------------------------------------
 
