@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--concurrency", type=int, default=4, help="(query, plan) cells run at once (default 4)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
+    t.add_argument("--ray", metavar="auto|ADDRESS|local",
+                   help="run the sweep's (query, plan) cells on Ray workers, each with its own engine: auto or "
+                        "HOST:PORT = a running cluster, local = a private one on 127.0.0.1 (pip install -e '.[scale]')")
+    t.add_argument("--ray-workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
     return p
 
 
@@ -171,9 +175,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None:
     from ragserve.engines.local.engine import LocalEngine
-    from ragserve.retrieval.store import Collection
+    from ragserve.retrieval.base import open_store
 
-    chunks = list(Collection.open(collection).iter_chunks())
+    chunks = list(open_store(config.retrieval).open(collection).iter_chunks())
     engine = LocalEngine(config.engine, blend=replace(config.blend, enabled=True))
     try:
         stats = engine.precompute_kv(chunks, steer=steer)
@@ -190,18 +194,18 @@ def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None
 
 def cmd_query(args: argparse.Namespace) -> int:
     from ragserve.controller import validate_question
-    from ragserve.retrieval.store import Collection
+    from ragserve.retrieval.base import open_store
     from ragserve.runtime import build_runtime, parse_plan
 
     validate_question(args.question)              # fail fast, before loading a model
     plan = parse_plan(args.plan) if args.plan else None
     filters = _filters(args.filter)
-    col = Collection.open(args.collection)
+    config = _config(args)
+    col = open_store(config.retrieval).open(args.collection)
     if plan and plan.num_chunks > len(col):     # fail before loading a model
         from ragserve.errors import BadInput
         raise BadInput(f"num_chunks {plan.num_chunks} is above the size of collection "
                        f"{args.collection!r} ({len(col)} chunks)")
-    config = _config(args)
     if args.blend:
         config = replace(config, blend=replace(config.blend, enabled=True))
 
@@ -362,7 +366,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             grid=parse_grid(args.grid) if args.grid else DEFAULT_TUNE_GRID, seed=args.seed,
                             corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
                             datasets_root=args.datasets_dir, progress=not args.no_progress,
-                            command=_command_line(args), holdout=args.holdout)
+                            command=_command_line(args), holdout=args.holdout, ray=args.ray,
+                            ray_workers=args.ray_workers)
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise BadInput(f"--ray-workers {args.ray_workers} must be >= 1")
     run_tune(settings, config)
     print((out / "summary.md").read_text())
     return 0

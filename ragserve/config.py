@@ -19,6 +19,7 @@ A config file is YAML (any suffix) or TOML (`.toml`); both hold the sections bel
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,50 @@ def api_keys_from_env() -> tuple[str, ...]:
     return tuple(k.strip() for k in os.environ.get("RAGSERVE_API_KEYS", "").split(",") if k.strip())
 
 
+STORES = ("faiss", "milvus")
+
+
+@dataclass(frozen=True)
+class MilvusConfig:
+    """Where the Milvus vector store lives (used when retrieval.store is milvus)."""
+
+    uri: str = ""
+    """A path ending in .db = Milvus Lite, embedded in this process (one process per file);
+    http(s)://host:19530 = a Milvus server or cluster. "" = Milvus Lite at <data dir>/milvus.db."""
+    token: str | None = None
+    """Server credentials, "user:password" or an API key; None for Milvus Lite or an open server."""
+    db_name: str = ""
+    """Database on the server; "" = its default database."""
+    collection_prefix: str = "ragserve_"
+    """Prefix of the Milvus collections ragserve creates (several deployments can share a server)."""
+    index_type: str = "FLAT"
+    """Vector index: FLAT (exact, as the FAISS store) or a server index such as HNSW, IVF_FLAT, AUTOINDEX."""
+    index_params: dict[str, Any] = field(default_factory=dict)
+    """Build parameters of index_type, e.g. {M: 16, efConstruction: 200} for HNSW."""
+    search_params: dict[str, Any] = field(default_factory=dict)
+    """Search parameters of index_type, e.g. {ef: 64} for HNSW, {nprobe: 16} for IVF_FLAT."""
+    timeout_s: float = 60.0
+    """Per-call timeout of the Milvus client."""
+
+    def __post_init__(self) -> None:
+        uri = self.uri
+        if not isinstance(uri, str) or not (uri == "" or uri.endswith(".db") or
+                                            uri.startswith(("http://", "https://", "tcp://", "unix:"))):
+            raise ConfigError(f"retrieval.milvus.uri={uri!r}: use a local path ending in .db (Milvus Lite) "
+                              "or http://HOST:19530 (a Milvus server); empty = <data dir>/milvus.db")
+        if not isinstance(self.collection_prefix, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,32}",
+                                                                             self.collection_prefix):
+            raise ConfigError(f"retrieval.milvus.collection_prefix={self.collection_prefix!r}: use up to 33 "
+                              "letters, digits and '_', starting with a letter or '_'")
+        if not isinstance(self.index_params, dict) or not isinstance(self.search_params, dict):
+            raise ConfigError("retrieval.milvus.index_params and search_params must be mappings")
+        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ConfigError(f"retrieval.milvus.timeout_s={self.timeout_s!r} must be a number > 0")
+
+    def resolved_uri(self) -> str:
+        return self.uri or str(data_dir() / "milvus.db")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     chunk_tokens: int = 256
@@ -71,6 +116,24 @@ class RetrievalConfig:
     """Overlap between consecutive chunks of one document, in tokens."""
     embed_batch_size: int = 64
     """Passages embedded per batch at ingest."""
+    store: str = "faiss"
+    """Vector store of every collection: faiss (files under <data dir>/collections) | milvus
+    (Milvus Lite or a Milvus server, see the milvus section)."""
+    milvus: MilvusConfig = field(default_factory=MilvusConfig)
+    """The Milvus store's settings (read when store is milvus)."""
+
+    def __post_init__(self) -> None:
+        if self.store not in STORES:
+            raise ConfigError(f"retrieval.store={self.store!r} must be one of: {', '.join(STORES)}")
+        if isinstance(self.milvus, dict):   # from a config file
+            allowed = {f.name for f in fields(MilvusConfig)}
+            unknown = sorted(set(self.milvus) - allowed)
+            if unknown:
+                raise ConfigError(f"unknown config key retrieval.milvus.{unknown[0]}; known: "
+                                  f"{', '.join(sorted(allowed))}")
+            object.__setattr__(self, "milvus", MilvusConfig(**self.milvus))
+        elif not isinstance(self.milvus, MilvusConfig):
+            raise ConfigError(f"retrieval.milvus must be a mapping, got {self.milvus!r}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from ragserve.config import Config
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
 from ragserve.errors import BadInput
+from ragserve.retrieval.base import open_store
 from ragserve.retrieval.embeddings import Embedder
 from ragserve.retrieval.ingest import Retriever
 
@@ -68,7 +69,7 @@ def build_runtime(config: Config, *, metis: bool = True) -> Runtime:
 
         embedder = CachedQueryEmbedder(embedder)
         learned = load_profiler(config.metis.learned_profiler, embedder=embedder) if metis else None
-    retriever = Retriever(embedder)
+    retriever = Retriever(embedder, open_store(config.retrieval))
     planner = None
     if metis and config.tuned.planner == "metis":
         planner = MetisPlanner(engine, config, learned=learned)

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${RAGSERVE_EXTRAS:-local,server,ui,dev}
+EXTRAS=${RAGSERVE_EXTRAS:-local,server,ui,dev,scale}
 # The explorer's browser test (tests/ui/test_e2e_browser.py) drives Debian's chromium through
 # Playwright; `playwright install` is never used (it downloads browsers from a CDN).
 if [[ ",$EXTRAS," == *",dev,"* ]] && [ ! -x /usr/bin/chromium ]; then

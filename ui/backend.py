@@ -226,9 +226,11 @@ class InProcessBackend:
             return ctl
 
     def collections(self) -> list[str]:
-        from ragserve.retrieval.store import collection_sizes
+        from ragserve.retrieval.base import open_store
 
-        return largest_first(collection_sizes().items())
+        ctl = next(iter(self._controllers.values()), None)
+        store = getattr(getattr(ctl, "_retriever", None), "store", None)   # the controller's store
+        return largest_first((store or open_store()).collection_sizes().items())
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,
                      slo_ms: float | None = None, blend: bool = False) -> Iterator[Event]:

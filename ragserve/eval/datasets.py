@@ -187,15 +187,16 @@ def ensure_collection(dataset: str, config: Config, questions: Sequence[dict[str
     stored (by document id) are skipped, so a rerun costs a collection open."""
     from ragserve.retrieval.chunking import Document
     from ragserve.retrieval.ingest import ingest_documents
-    from ragserve.retrieval.store import Collection, list_collections
+    from ragserve.retrieval.base import open_store
 
     corpus = load_corpus(dataset, root)
     passages = corpus if corpus_limit is None else subset_passages(corpus, questions, corpus_limit)
     model = config.engine.model
     name = collection_name(dataset, model, None if corpus_limit is None else [p["id"] for p in passages])
     stored: set[str] = set()
-    if name in list_collections():
-        stored = {doc_id for doc_id, _ in Collection.open(name).chunk_hashes().values()}
+    store = open_store(config.retrieval)
+    if name in store.list_collections():
+        stored = {doc_id for doc_id, _ in store.open(name).chunk_hashes().values()}
     missing = [p for p in passages if p["id"] not in stored]
     if missing:
         if tokenizer is None:
@@ -209,6 +210,6 @@ def ensure_collection(dataset: str, config: Config, questions: Sequence[dict[str
                 for p in missing]
         logger.info("ingesting %d of %d %s passages into %s", len(docs), len(passages), dataset, name)
         ingest_documents(docs, name, tokenizer, embedder, config.retrieval, progress=progress,
-                         source=f"{dataset} corpus")
+                         source=f"{dataset} corpus", store=store)
     return CorpusInfo(collection=name, num_passages=len(passages), num_ingested=len(missing),
-                      num_chunks=len(Collection.open(name)), subset=corpus_limit is not None)
+                      num_chunks=len(store.open(name)), subset=corpus_limit is not None)

@@ -313,6 +313,11 @@ class TuneSettings:
     holdout: int = 0
     """Never tune on the questions `ragserve eval --num HOLDOUT --seed SEED` samples, so a
     profiler trained here is evaluated on that very sample (and its saved fixed runs)."""
+    ray: str | None = None
+    """Run the (query, plan) cells on a Ray cluster (eval/ray_sweep.py): "auto", an address
+    (HOST:PORT or ray://HOST:PORT), or "local" (a private cluster on 127.0.0.1). None = in process."""
+    ray_workers: int | None = None
+    """Ray workers, each with its own engine; None = one per CPU of the cluster."""
 
 
 def _compatible(old: TuneMeta, new: TuneMeta) -> bool:
@@ -359,10 +364,16 @@ def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
         meta = replace(meta, grid=grid, query_ids=ids, created=old.created, elapsed_s=old.elapsed_s)
     write_meta(out, meta)
     t0, cpu0, load0 = time.perf_counter(), process_cpu_s(), os.getloadavg()
-    asyncio.run(_sweep(settings, config, spec, questions, corpus.collection, done))
+    if settings.ray:
+        from ragserve.eval.ray_sweep import ray_sweep
+
+        sweep = ray_sweep(settings, config, spec, questions, corpus.collection, done)
+    else:
+        sweep = asyncio.run(_sweep(settings, config, spec, questions, corpus.collection, done))
     records = read_records(out)
     load = {"loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(process_cpu_s() - cpu0, 1)}
+            "wall_s": round(time.perf_counter() - t0, 1), "process_cpu_s": round(process_cpu_s() - cpu0, 1),
+            "sweep": sweep}
     meta = replace(meta, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), complete=True, machine_load=load,
                    elapsed_s=round(meta.elapsed_s + time.perf_counter() - t0, 1))
     write_meta(out, meta)
@@ -370,37 +381,72 @@ def run_tune(settings: TuneSettings, config: Config) -> dict[str, Any]:
     return write_summary(out, meta, records)
 
 
+@dataclass(frozen=True)
+class SweepStats:
+    """How a sweep ran (meta.json machine_load.sweep): its throughput, apart from start-up."""
+
+    num_cells: int
+    num_workers: int          # Ray workers; 0 = in process
+    startup_s: float          # engines loaded and warmed up (and the Ray cluster started)
+    cells_s: float            # from the first cell to the last record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_cells": self.num_cells, "num_workers": self.num_workers, "startup_s": round(self.startup_s, 2),
+                "cells_s": round(self.cells_s, 2),
+                "cells_per_s": round(self.num_cells / self.cells_s, 4) if self.cells_s > 0 else None}
+
+
+def sweep_cells(settings: TuneSettings, questions: Sequence[dict[str, Any]],
+                done: set[tuple[str, str]]) -> list[tuple[dict[str, Any], RagPlan]]:
+    """The (query, plan) cells still to run, in sweep order."""
+    return [(q, p) for q in questions for p in settings.grid if (q["id"], str(p)) not in done]
+
+
+async def warm_up(controller: Any, spec: Any, question: dict[str, Any], collection: str, doc_filter: bool) -> None:
+    """One untimed query: the first call pays one-off costs."""
+    from ragserve.eval.datasets import query_filters
+
+    await controller.query(question["question"], collection, plan=RagPlan(Method.STUFF, 1),
+                           filters=query_filters(spec, question, doc_filter))
+
+
+async def run_cell(controller: Any, spec: Any, q: dict[str, Any], plan: RagPlan, collection: str,
+                   doc_filter: bool) -> TuneRecord:
+    """One plan on one query, on an otherwise idle controller; a failure becomes an error record."""
+    from ragserve.eval.datasets import query_filters, score
+
+    try:
+        r = await controller.query(q["question"], collection, plan=plan,
+                                   filters=query_filters(spec, q, doc_filter))
+    except (RagServeError, ValueError, RuntimeError) as exc:
+        logger.warning("tune: %s with %s failed: %s", q["id"], plan, exc)
+        return TuneRecord(q["id"], q["question"], plan, 0.0, None, error=f"{type(exc).__name__}: {exc}")
+    m = score(spec, r.answer, q["answers"])
+    return TuneRecord(q["id"], q["question"], plan, m["quality"], r.timings.total_s,
+                      f1=m["f1"], em=m["em"], rouge_l=m["rouge_l"], numeric=m["numeric"],
+                      ttft_s=r.timings.ttft_s, prompt_tokens=r.prompt_tokens,
+                      output_tokens=r.output_tokens, num_calls=r.num_calls, answer=r.answer)
+
+
 async def _sweep(settings: TuneSettings, config: Config, spec: Any, questions: Sequence[dict[str, Any]],
-                 collection: str, done: set[tuple[str, str]]) -> None:
+                 collection: str, done: set[tuple[str, str]]) -> dict[str, Any]:
+    """Runs the cells in process; returns SweepStats.to_dict()."""
     from tqdm import tqdm
 
     from ragserve.controller import Controller
-    from ragserve.eval.datasets import query_filters, score
     from ragserve.runtime import build_runtime
 
-    todo = [(q, p) for q in questions for p in settings.grid if (q["id"], str(p)) not in done]
+    todo = sweep_cells(settings, questions, done)
     if not todo:
-        return
+        return SweepStats(0, 0, 0.0, 0.0).to_dict()
+    t0 = time.perf_counter()
     rt = build_runtime(config, metis=False)
     controller = Controller(rt.engine, rt.retriever, config)
     try:
-        warm = todo[0][0]   # untimed: the first call pays one-off costs
-        await controller.query(warm["question"], collection, plan=RagPlan(Method.STUFF, 1),
-                               filters=query_filters(spec, warm, settings.doc_filter))
+        await warm_up(controller, spec, todo[0][0], collection, settings.doc_filter)
+        t1 = time.perf_counter()
         for q, plan in tqdm(todo, desc=f"tune {settings.dataset}", unit="run", disable=not settings.progress):
-            try:
-                r = await controller.query(q["question"], collection, plan=plan,
-                                           filters=query_filters(spec, q, settings.doc_filter))
-            except (RagServeError, ValueError, RuntimeError) as exc:
-                logger.warning("tune: %s with %s failed: %s", q["id"], plan, exc)
-                record = TuneRecord(q["id"], q["question"], plan, 0.0, None,
-                                    error=f"{type(exc).__name__}: {exc}")
-            else:
-                m = score(spec, r.answer, q["answers"])
-                record = TuneRecord(q["id"], q["question"], plan, m["quality"], r.timings.total_s,
-                                    f1=m["f1"], em=m["em"], rouge_l=m["rouge_l"], numeric=m["numeric"],
-                                    ttft_s=r.timings.ttft_s, prompt_tokens=r.prompt_tokens,
-                                    output_tokens=r.output_tokens, num_calls=r.num_calls, answer=r.answer)
-            append_record(settings.out, record)
+            append_record(settings.out, await run_cell(controller, spec, q, plan, collection, settings.doc_filter))
+        return SweepStats(len(todo), 0, t1 - t0, time.perf_counter() - t1).to_dict()
     finally:
         await rt.close()

@@ -1,10 +1,11 @@
-"""Retrieval: documents -> token-sized chunks -> embeddings -> persisted FAISS collections.
+"""Retrieval: documents -> token-sized chunks -> embeddings -> persisted collections.
 
 Modules, in data-flow order: `chunking` (load files/corpora, split in the serving model's
-tokens), `embeddings` (packaged MiniLM, offline), `store` (Collection: index + docstore,
-search with metadata filters) over `generations` (crash-safe on-disk format), and
-`ingest` (the pipeline, plus `Retriever` for queries). Importing this package does not
-import torch; the embedding model loads on first use.
+tokens), `embeddings` (packaged MiniLM, offline), `base` (the store interface and
+`open_store(config)`, which picks the backend from retrieval.store), its backends `store` +
+`faiss_store` (FAISS index + docstore over `generations`, the crash-safe on-disk format) and
+`milvus_store` (Milvus Lite or a Milvus server), and `ingest` (the pipeline, plus `Retriever`
+for queries). Importing this package does not import torch; the embedding model loads on first use.
 """
 from ragserve.retrieval.chunking import Chunker, Document, load_documents
 from ragserve.retrieval.embeddings import Embedder

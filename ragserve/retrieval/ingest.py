@@ -17,9 +17,9 @@ from ragserve.config import RetrievalConfig
 from ragserve.domain import RetrievedChunk
 from ragserve.errors import BadInput
 from ragserve.retrieval.chunking import Chunker, Document, load_documents
+from ragserve.retrieval.base import StoredCollection, VectorStore, open_store
 from ragserve.retrieval.embeddings import Embedder
-from ragserve.retrieval.generations import read_current
-from ragserve.retrieval.store import Collection, CollectionSpec, content_hash, validate_name
+from ragserve.retrieval.store import CollectionSpec, content_hash, validate_name
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,12 @@ def ingest(path: str | Path, collection_name: str, tokenizer: Any, embedder: Emb
 
 def ingest_documents(docs: Sequence[Document], collection_name: str, tokenizer: Any, embedder: Embedder,
                      config: RetrievalConfig | None = None, progress: bool = False,
-                     source: str = "documents") -> IngestReport:
+                     source: str = "documents", store: VectorStore | None = None) -> IngestReport:
     """Add `docs` to `collection_name` (see `ingest`); returns only after the atomic commit.
 
     Document ids must be unique within `docs`; documents with only whitespace are dropped.
-    `source` names the input in logs.
+    `source` names the input in logs. The collection lives in `store`, default: the one
+    `config.store` names.
     """
     t0 = time.perf_counter()
     config = config or RetrievalConfig()
@@ -73,14 +74,14 @@ def ingest_documents(docs: Sequence[Document], collection_name: str, tokenizer: 
     chunks = chunker.split_documents(docs)
     spec = CollectionSpec(embedding_model=embedder.model_id, dim=embedder.dim, tokenizer=chunker.tokenizer_id,
                           chunk_tokens=config.chunk_tokens, chunk_overlap_tokens=config.chunk_overlap_tokens)
-    col = Collection.create_or_open(collection_name, spec)
+    col = (store or open_store(config)).create_or_open(collection_name, spec)
 
     # A stored chunk of an input document that the new chunking no longer produces
     # (same id and text) is stale: the document was edited since the last ingest.
     input_docs = set(ids)
     new_pairs = {(c.id, content_hash(c.text)) for c in chunks}
-    stale = [cid for cid, (doc_id, h) in col.chunk_hashes().items()
-             if doc_id in input_docs and (cid, h) not in new_pairs]
+    stale = [cid for cid, (doc_id, h) in col.chunk_hashes(input_docs).items()
+             if (cid, h) not in new_pairs]
     todo = col.new_chunks(chunks, remove_ids=stale)
     logger.info("ingest %s -> %s: %d documents, %d chunks, %d new, %d stale",
                 source, collection_name, len(docs), len(chunks), len(todo), len(stale))
@@ -90,7 +91,7 @@ def ingest_documents(docs: Sequence[Document], collection_name: str, tokenizer: 
     elapsed_s = time.perf_counter() - t0
     logger.info("ingested into %s: +%d chunks (%d skipped, %d replaced) in %.1fs, %d chunks total",
                 collection_name, result.added, len(chunks) - result.added, result.removed, elapsed_s, len(col))
-    stored = col.chunk_hashes()
+    stored = col.chunk_hashes(input_docs)
     return IngestReport(added=result.added, skipped=len(chunks) - result.added,
                         num_documents=len(docs), num_chunks_total=len(col), elapsed_s=elapsed_s,
                         removed=result.removed, collection=collection_name, document_ids=tuple(ids),
@@ -98,24 +99,27 @@ def ingest_documents(docs: Sequence[Document], collection_name: str, tokenizer: 
 
 
 class Retriever:
-    """Embeds questions and searches collections; reopens a collection another process changed."""
+    """Embeds questions and searches collections; reopens a collection another process changed.
 
-    def __init__(self, embedder: Embedder) -> None:
+    `store` holds the collections (default: the FAISS store)."""
+
+    def __init__(self, embedder: Embedder, store: VectorStore | None = None) -> None:
         self.embedder = embedder
-        self._open: dict[str, Collection] = {}
+        self.store = store or open_store()
+        self._open: dict[str, StoredCollection] = {}
 
-    def collection(self, name: str) -> Collection:
+    def collection(self, name: str) -> StoredCollection:
         """The named collection, reloaded when its committed generation moved on."""
         col = self._open.get(name)
-        if col is None or read_current(col.path) != col.generation:
-            col = self._open[name] = Collection.open(name)
+        if col is None or self.store.version(name) != col.generation:
+            col = self._open[name] = self.store.open(name)
         return col
 
     def forget(self, name: str) -> None:
         """Drop the open handle of a deleted collection (its index and docstore memory)."""
         self._open.pop(name, None)
 
-    def retrieve(self, collection: Collection | str, question: str, k: int,
+    def retrieve(self, collection: StoredCollection | str, question: str, k: int,
                  filters: dict[str, Any] | None = None) -> tuple[list[RetrievedChunk], float]:
         """Top-`k` chunks for `question`, best first, and the time it took in seconds."""
         t0 = time.perf_counter()

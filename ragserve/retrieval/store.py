@@ -31,6 +31,7 @@ import numpy as np
 from ragserve.config import data_dir
 from ragserve.domain import Chunk, RetrievedChunk
 from ragserve.errors import BadInput, CollectionDamaged, NotFound, RagServeError
+from ragserve.retrieval.base import StoredCollection
 from ragserve.retrieval.generations import (MANIFEST_VERSION, Snapshot, gen_name, read_current, read_generation,
                                             rollback, write_generation, writer_lock)
 
@@ -117,7 +118,7 @@ class _Rows:
         return cls(chunks, hashes, vectors, _maybe_gpu(index), {c.id: i for i, c in enumerate(chunks)})
 
 
-class Collection:
+class Collection(StoredCollection):
     """One named collection, held in memory; `add` commits a new generation to disk.
 
     Reads are safe from several threads; `add` is serialized per collection (flock).
@@ -233,10 +234,13 @@ class Collection:
     def get_chunks(self, ids: Iterable[str]) -> list[Chunk]:
         return [self.chunk(i) for i in ids]
 
-    def chunk_hashes(self) -> dict[str, tuple[str, str]]:
-        """Stored chunk id -> (doc_id, content hash): lets ingest spot edited documents."""
+    def chunk_hashes(self, doc_ids: Iterable[str] | None = None) -> dict[str, tuple[str, str]]:
+        """Stored chunk id -> (doc_id, content hash), of `doc_ids` only when given: lets ingest
+        spot edited documents."""
         rows = self._rows
-        return {c.id: (c.doc_id, h) for c, h in zip(rows.chunks, rows.hashes)}
+        wanted = None if doc_ids is None else set(doc_ids)
+        return {c.id: (c.doc_id, h) for c, h in zip(rows.chunks, rows.hashes)
+                if wanted is None or c.doc_id in wanted}
 
     def new_chunks(self, chunks: Iterable[Chunk], remove_ids: Iterable[str] = ()) -> list[Chunk]:
         """The chunks `add` would store: text not stored (after removing `remove_ids`), first copy only."""

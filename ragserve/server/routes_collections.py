@@ -22,7 +22,8 @@ from starlette.datastructures import UploadFile
 from ragserve.errors import BadInput, CollectionDamaged, NotFound
 from ragserve.retrieval.chunking import CORPUS_SUFFIX, TEXT_SUFFIXES, Document, corpus_documents
 from ragserve.retrieval.ingest import IngestReport, ingest_documents
-from ragserve.retrieval.store import Collection, list_collections
+from ragserve.retrieval.base import StoredCollection
+from ragserve.retrieval.store import Collection
 from ragserve.server.deps import CollectionPath, QueryAuth, RuntimeDep, StateDep, WriteAuth
 from ragserve.server.schemas import (MAX_DOCUMENTS, CollectionInfo, CollectionList, IngestRequest,
                                      IngestResponse, SearchRequest, SearchResponse, chunk_out)
@@ -44,7 +45,7 @@ INGEST_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}}
 
 
-def info(col: Collection) -> dict[str, Any]:
+def info(col: StoredCollection) -> dict[str, Any]:
     s = col.spec
     return {"name": col.name, "status": "ok", "num_chunks": len(col), "num_documents": col.num_documents,
             "generation": col.generation, "embedding_model": s.embedding_model,
@@ -59,10 +60,10 @@ def _public_name(tokenizer: str) -> str:
 
 
 @router.get("", response_model=CollectionList, dependencies=[QueryAuth])
-async def list_all(state: StateDep):
+async def list_all(state: StateDep, runtime: RuntimeDep):
     """Every collection; one whose files do not load is listed with status "damaged"."""
     out = []
-    for name in list_collections():
+    for name in runtime.retriever.store.list_collections():
         try:
             out.append(info(state.check_collection(name)))
         except NotFound:   # deleted meanwhile
@@ -80,9 +81,12 @@ async def inspect(name: CollectionPath, runtime: RuntimeDep):
 @router.delete("/{name}", status_code=204, dependencies=[WriteAuth])
 async def delete(name: CollectionPath, state: StateDep):
     async with state.collection_lock(name):
-        Collection.delete(name)
         if state.runtime is not None:
+            state.runtime.retriever.store.delete(name)
             state.runtime.retriever.forget(name)
+        else:
+            from ragserve.retrieval.base import open_store
+            open_store(state.config.retrieval).delete(name)
         state.damaged.pop(name, None)
     return Response(status_code=204)
 
@@ -129,7 +133,8 @@ async def ingest(name: CollectionPath, request: Request, state: StateDep):
 def _ingest(state: ServerState, docs: list[Document], name: str) -> IngestReport:
     assert state.runtime is not None
     return ingest_documents(docs, name, state.tokenizer, state.runtime.retriever.embedder,
-                            state.config.retrieval, progress=False, source=f"an HTTP ingest into {name!r}")
+                            state.config.retrieval, progress=False, source=f"an HTTP ingest into {name!r}",
+                            store=state.runtime.retriever.store)
 
 
 def _text_id(text: str) -> str:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Header, Request
 from ragserve.controller import MAX_QUERY_CHARS
 from ragserve.domain import QueryResult
 from ragserve.errors import BadInput, RagServeError
-from ragserve.retrieval.store import list_collections, validate_name
+from ragserve.retrieval.store import validate_name
 from ragserve.server.deps import QueryAuth, StateDep
 from ragserve.server.errors import describe
 from ragserve.server.querying import QueryArgs, open_stream, run_query, sse
@@ -120,6 +120,11 @@ _HARMLESS = frozenset({"user", "metadata", "store", "n"})
 
 
 @router.get("/models", dependencies=[QueryAuth])
-async def models() -> dict[str, Any]:
+async def models(state: StateDep) -> dict[str, Any]:
+    if state.runtime is not None:
+        store = state.runtime.retriever.store
+    else:
+        from ragserve.retrieval.base import open_store
+        store = open_store(state.config.retrieval)
     return {"object": "list", "data": [{"id": MODEL_PREFIX + name, "object": "model", "created": 0,
-                                        "owned_by": "ragserve"} for name in list_collections()]}
+                                        "owned_by": "ragserve"} for name in store.list_collections()]}
