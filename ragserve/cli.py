@@ -108,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--collection", help="tune a collection of your own (no gold answers): label each plan by "
                                         "agreement with the golden plan's answer; needs --questions")
     t.add_argument("--questions", help="with --collection: questions, one per line (or JSONL with \"question\")")
-    t.add_argument("--concurrency", type=int, default=4, help="(query, plan) cells run at once (default 4)")
+    t.add_argument("--concurrency", type=int,
+                   help="(query, plan) cells run at once on the engine (default 1 for a dataset sweep: "
+                        "idle latencies; 4 for --collection)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
     t.add_argument("--ray", metavar="auto|ADDRESS|local",
@@ -367,7 +369,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             corpus_limit=args.corpus_limit, doc_filter=args.doc_filter,
                             datasets_root=args.datasets_dir, progress=not args.no_progress,
                             command=_command_line(args), holdout=args.holdout, ray=args.ray,
-                            ray_workers=args.ray_workers)
+                            ray_workers=args.ray_workers, concurrency=args.concurrency or 1)
+    if settings.concurrency < 1:
+        raise BadInput(f"--concurrency {settings.concurrency} must be >= 1")
     if args.ray_workers is not None and args.ray_workers < 1:
         raise BadInput(f"--ray-workers {args.ray_workers} must be >= 1")
     run_tune(settings, config)
@@ -390,7 +394,7 @@ def _tune_collection(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid) if args.grid else GOLDEN_GRID
     out = Path(args.out) if args.out else col.path / "tune"
     report = run_collection_tune(args.collection, args.questions, grid, out, col.path / QUALITY_DIR,
-                                 _eval_config(args), concurrency=args.concurrency)
+                                 _eval_config(args), concurrency=args.concurrency or 4)
     print(f"tuned {args.collection}: {report['records']} records in {out}; quality model in {report['model_dir']} "
           "(ragserve query/serve now plan this collection with it)")
     print(json.dumps(report["quality"], indent=2))
