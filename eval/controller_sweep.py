@@ -79,7 +79,11 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
     predicted = {(data.query_ids[g].split(":", 1)[1], str(p)): float(v)
                  for g, p, v in zip(data.groups, data.plans, pred)}
     queries = sim_queries(records, retrieval, predicted)
-    speeds = fit_speeds(records)
+    sweep = (meta.machine_load or {}).get("sweep") or {}
+    if sweep.get("concurrency", 1) > 1 and sweep.get("engine_speeds"):
+        speeds = EngineSpeeds.from_dict(sweep["engine_speeds"])   # its latencies were under load
+    else:
+        speeds = fit_speeds(records)
     if args.speeds_from:
         speeds = measured_speeds(Path(args.speeds_from))
     model = ModelSpec(meta.model, 24, 2, 64, args.dtype_bytes, 32768)

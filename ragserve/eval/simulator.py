@@ -71,14 +71,19 @@ class SimEngine:
         self.running: list[_Call] = []
         self.kv_used = 0
         self.busy_until = 0.0
+        self._prefilling = 0          # prompt tokens of the prefill in progress
+        self._prefill_end = 0.0
 
     def submit(self, calls: Sequence[_Call]) -> None:
         self.waiting.extend(calls)
 
-    def stats(self) -> EngineStats:
+    def stats(self, now: float = 0.0) -> EngineStats:
+        """As the embedded engine reports it at `now`: a prefill in progress counts as queued."""
         steps = max((c.output - c.produced for c in self.running), default=0)
+        prefilling = self._prefilling if now < self._prefill_end else 0
         return EngineStats(self.kv_capacity_tokens, self.kv_used, len(self.running), len(self.waiting),
-                           speeds=self.speeds, queued_prefill_tokens=sum(c.prompt for c in self.waiting),
+                           speeds=self.speeds,
+                           queued_prefill_tokens=prefilling + sum(c.prompt for c in self.waiting),
                            decode_steps_left=steps)
 
     @property
@@ -97,7 +102,9 @@ class SimEngine:
             admitted.append(head)
         t = now
         if admitted:
-            t += self.speeds.prefill_s(sum(c.prompt for c in admitted))
+            self._prefilling = sum(c.prompt for c in admitted)
+            t += self.speeds.prefill_s(self._prefilling)
+            self._prefill_end = t
             # the prefill samples the first token; `output` steps follow (the rest and the end
             # token, which the engine samples but does not count)
             self.running += admitted
@@ -200,7 +207,7 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
         next_round(now)
 
     def effective(now: float) -> EngineStats:
-        s = engine.stats()
+        s = engine.stats(now)
         return replace(s, kv_used_tokens=max(0, s.kv_used_tokens - scheduler.held_tokens))
 
     def admit(now: float) -> None:
@@ -230,7 +237,7 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
                 run(q, system.plan, arrival, now, None)
                 return
             t = now + settings.decision_overhead_s
-            stats = engine.stats()
+            stats = engine.stats(now)
             scheduler.cost_model = cost.timed(stats.speeds, stats.num_running)
             plans = tuple(p for p in q.outcomes if p.num_chunks <= len(q.chunk_tokens))
             qualities = tuple(q.predicted.get(p, 0.0) for p in plans) if system.name == "tuned" else ()
