@@ -35,8 +35,8 @@ from ragserve.eval.tuning import read_profile  # noqa: E402
 
 RATE_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 EQUAL_QUALITY = 0.01
-# Qwen2.5-0.5B: 24 layers x 2 KV heads x 64 dims, K and V.
-QWEN_VALUES_PER_TOKEN = 2 * 24 * 2 * 64
+# KV geometry of the registry models: (layers, KV heads, head dim).
+GEOMETRY = {"qwen": (24, 2, 64), "smollm2": (30, 3, 64)}
 
 
 def ci95(diffs: list[float]) -> float:
@@ -86,7 +86,7 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         speeds = fit_speeds(records)
     if args.speeds_from:
         speeds = measured_speeds(Path(args.speeds_from))
-    model = ModelSpec(meta.model, 24, 2, 64, args.dtype_bytes, 32768)
+    model = ModelSpec(meta.model, *GEOMETRY[meta.model], args.dtype_bytes, 8192)
     kv_tokens = int(args.kv_budget_mb * 2**20 // model.kv_bytes_per_token)
     engines = {"cpu": (speeds, kv_tokens)}
     if args.gpu_whatif:

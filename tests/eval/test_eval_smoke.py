@@ -53,3 +53,40 @@ def test_tune_train_and_learned_metis(data_dir, tmp_path):
                  "--warmup", "0", "--out", str(out), "--no-progress"]) == 0
     rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
     assert all(r["profile"]["source"] == "learned" for r in rows)
+
+
+def test_tune_train_quality_and_the_tuned_system_end_to_end(data_dir, tmp_path):
+    """Sweep (cells concurrent) -> quality model -> `eval --systems tuned` on the sweep's own
+    questions (cross-fitted) -> the controller sweep with the run as a real point."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    prof = tmp_path / "profiles"
+    assert main(["tune", "--dataset", "squad", "--num", "4", "--model", "smollm2", "--corpus-limit", "20",
+                 "--grid", "stuff:1,stuff:2", "--concurrency", "2", "--out", str(prof), "--no-progress"]) == 0
+    meta = json.loads((prof / "meta.json").read_text())
+    assert meta["machine_load"]["sweep"]["concurrency"] == 2
+    assert meta["machine_load"]["sweep"]["engine_speeds"]["num_prefills"] > 0
+    assert main(["tune", "train-quality", str(prof), "--no-progress"]) == 0
+    assert json.loads((prof / "quality" / "quality_model.json").read_text())["num_queries"] == 4
+    out = tmp_path / "tuned-eval"
+    assert main(["eval", "--dataset", "squad", "--systems", "fixed:stuff:1,tuned", "--num", "4", "--model",
+                 "smollm2", "--corpus-limit", "20", "--rate", "0.5", "--quality", str(prof),
+                 "--questions-from", str(prof), "--warmup", "0", "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(l) for l in (out / "rows.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["system"] == "tuned"]
+    assert len(tuned) == 4 and all(r["reason"] in ("quality", "load", "slo") for r in tuned)
+    assert all(r["est_service_s"] and r["service_s"] for r in tuned)
+    report = json.loads((out / "report.json").read_text())
+    assert report["systems"]["tuned"]["engine_speeds"]["num_prefills"] > 0
+    assert "service_estimate" in report["systems"]["tuned"]
+    sweep = tmp_path / "cs"
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, str(repo / "eval" / "controller_sweep.py"), "--profiles", str(prof),
+                    "--out", str(sweep), "--reps", "1", "--folds", "2", "--rate-factors", "0.5",
+                    "--real", f"0.5={out}"], check=True, cwd=tmp_path, timeout=600)
+    doc = json.loads((tmp_path / "cs.json").read_text())
+    assert {p["source"] for p in doc["points"]} == {"sim", "real"}
+    assert {"dataset", "rate_factor", "source", "system", "n", "quality", "quality_ci95", "mean_s", "p95_s",
+            "slo_attainment", "goodput_qps"} <= set(doc["points"][0])
