@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from ragserve.config import TunedConfig  # noqa: E402
 from ragserve.domain import EngineSpeeds, ModelSpec  # noqa: E402
-from ragserve.eval.quality_training import cross_fit, retrieval_summaries, training_data  # noqa: E402
+from ragserve.eval.quality_training import choose_adjust, cross_fit, retrieval_summaries, training_data  # noqa: E402
 from ragserve.eval.simulator import (SimSettings, SimSystem, fit_speeds, sim_queries, simulate,  # noqa: E402
                                      summarize)
 from ragserve.eval.tuning import read_profile  # noqa: E402
@@ -75,7 +75,8 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
     meta, records = read_profile(profile)
     retrieval = retrieval_summaries(profile)
     data = training_data([profile])
-    pred = cross_fit(data, k=args.folds)
+    adjustment = choose_adjust(data, args.folds)   # as train-quality decides it
+    pred = cross_fit(data, k=args.folds, adjust=adjustment["adjust"])
     predicted = {(data.query_ids[g].split(":", 1)[1], str(p)): float(v)
                  for g, p, v in zip(data.groups, data.plans, pred)}
     queries = sim_queries(records, retrieval, predicted)
@@ -96,7 +97,7 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         engines["gpu-whatif"] = (gpu, args.gpu_kv_tokens)
     grid = sorted({p for q in queries for p in q.outcomes}, key=str)
     points, info = [], {"dataset": meta.dataset, "num_queries": len(queries), "speeds": speeds.to_dict(),
-                        "kv_capacity_tokens": kv_tokens, "engines": {}}
+                        "kv_capacity_tokens": kv_tokens, "engines": {}, "quality_adjustment": adjustment}
     for engine_name, (sp, kv) in engines.items():
         settings = SimSettings(speeds=sp, kv_capacity_tokens=kv, model=model, answer_tokens=args.answer_tokens,
                                overhead_tokens_per_call=args.overhead_tokens,

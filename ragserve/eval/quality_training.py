@@ -123,8 +123,9 @@ def training_data(profile_dirs: Sequence[str | Path], **retrieval_kw: Any) -> Tr
 RIDGE_ALPHA = 100.0
 
 
-def fit(data: TrainingData, rows: np.ndarray | None = None) -> QualityModel:
-    """Plan means plus a ridge adjustment on the residuals, over `rows` (default all)."""
+def fit(data: TrainingData, rows: np.ndarray | None = None, adjust: bool = True) -> QualityModel:
+    """Plan means plus (with `adjust`) a ridge adjustment on the residuals, over `rows`
+    (default all)."""
     from sklearn.linear_model import Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -133,10 +134,11 @@ def fit(data: TrainingData, rows: np.ndarray | None = None) -> QualityModel:
     keys = np.asarray([str(p) for p in data.plans])
     means = {k: float(data.y[rows & (keys == k)].mean()) for k in sorted(set(keys[rows]))}
     residual = data.y - np.asarray([means.get(k, 0.0) for k in keys])
-    est = make_pipeline(StandardScaler(), Ridge(alpha=RIDGE_ALPHA)).fit(data.x[rows], residual[rows])
+    est = (make_pipeline(StandardScaler(), Ridge(alpha=RIDGE_ALPHA)).fit(data.x[rows], residual[rows])
+           if adjust else None)
     return QualityModel(est, {"grid": [str(p) for p in data.grid], "plan_means": means,
                               "num_queries": int(len(set(data.groups[rows]))), "num_records": int(rows.sum()),
-                              "ridge_alpha": RIDGE_ALPHA})
+                              "ridge_alpha": RIDGE_ALPHA if adjust else None})
 
 
 def fold_of_rows(data: TrainingData, k: int, seed: int = 0) -> np.ndarray:
@@ -151,28 +153,48 @@ def fold_of_rows(data: TrainingData, k: int, seed: int = 0) -> np.ndarray:
 def _predict_rows(model: QualityModel, data: TrainingData, rows: np.ndarray) -> np.ndarray:
     means = model.meta["plan_means"]
     base = np.asarray([means.get(str(data.plans[i]), 0.0) for i in np.flatnonzero(rows)])
-    return np.clip(base + model.estimator.predict(data.x[rows]), 0.0, 1.0)
+    if model.estimator is not None:
+        base = base + model.estimator.predict(data.x[rows])
+    return np.clip(base, 0.0, 1.0)
 
 
-def cross_fit(data: TrainingData, k: int = 5, seed: int = 0) -> np.ndarray:
+def cross_fit(data: TrainingData, k: int = 5, seed: int = 0, adjust: bool = True) -> np.ndarray:
     """Out-of-fold predictions: each query's rows predicted by a model trained without it."""
     folds = fold_of_rows(data, k, seed)
     pred = np.zeros(len(data.y))
     for f in range(k):
         test = folds == f
         if test.any() and (~test).any():
-            pred[test] = _predict_rows(fit(data, ~test), data, test)
+            pred[test] = _predict_rows(fit(data, ~test, adjust), data, test)
     return pred
+
+
+# The adjustment must earn its place: per-query choice with it must beat the plan means
+# alone by this much (cross-fitted, at the default price of a second), or it is left out.
+ADJUST_MARGIN = 0.005
+
+
+def choose_adjust(data: TrainingData, k: int = 5) -> dict[str, Any]:
+    """Whether the per-query adjustment helps on this sweep: cross-fitted selection quality at
+    tuned.time_value with and without it."""
+    from ragserve.config import TunedConfig
+
+    tv = TunedConfig().time_value
+    with_adj = selection_report(data, cross_fit(data, k, adjust=True), (tv,))["selected"][str(tv)]["quality"]
+    means = selection_report(data, cross_fit(data, k, adjust=False), (tv,))["selected"][str(tv)]["quality"]
+    return {"adjust": with_adj > means + ADJUST_MARGIN, "selected_quality_adjusted": with_adj,
+            "selected_quality_plan_means": means, "time_value": tv}
 
 
 def train_quality(profile_dirs: Sequence[str | Path], out: str | Path, k: int = 5, **retrieval_kw: Any
                   ) -> dict[str, Any]:
     """Fit on every record, save to `out`, and report the cross-fitted selection figures."""
     data = training_data(profile_dirs, **retrieval_kw)
-    model = fit(data)
-    model.meta["profiles"] = [str(d) for d in profile_dirs]
+    choice = choose_adjust(data, k)
+    model = fit(data, adjust=choice["adjust"])
+    model.meta.update(profiles=[str(d) for d in profile_dirs], adjustment=choice)
     model.save(out)
-    report = selection_report(data, cross_fit(data, k))
+    report = {**selection_report(data, cross_fit(data, k, adjust=choice["adjust"])), "adjustment": choice}
     (Path(out) / "cv_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -215,8 +237,9 @@ class CrossFitModel:
 
         data = training_data(profile_dirs, **retrieval_kw)
         folds = fold_of_rows(data, k, seed)
-        self.full = fit(data)
-        self.folds = [fit(data, folds != f) for f in range(k)]
+        adjust = choose_adjust(data, k)["adjust"]
+        self.full = fit(data, adjust=adjust)
+        self.folds = [fit(data, folds != f, adjust) for f in range(k)]
         group_fold = {int(g): int(f) for g, f in zip(data.groups, folds)}
         self._fold_of_question: dict[str, int] = {}
         for d in profile_dirs:

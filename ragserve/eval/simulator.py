@@ -299,7 +299,7 @@ def fit_speeds(records: Sequence[Any]) -> EngineSpeeds:
         if r.error is None and r.plan.method.value in tags and r.num_calls:
             tags[r.plan.method.value].append(r.output_tokens / r.num_calls)
     outputs = {k: float(sum(v) / len(v)) for k, v in tags.items() if v}
-    return EngineSpeeds(1.0 / per_token, step, 0.1 * step, len(rows), len(rows), outputs)
+    return EngineSpeeds(float(1.0 / per_token), float(step), float(0.1 * step), len(rows), len(rows), outputs)
 
 
 def sim_queries(records: Sequence[Any], retrieval: dict[str, dict[str, list]], predicted: dict[tuple[str, str], float],
