@@ -37,7 +37,7 @@ def http_app(tmp_path, monkeypatch):
     add_collection("docs")
     urls: list[str] = []
     with app_client() as client:
-        def post(url, **kwargs):
+        def post(url, timeout=None, **kwargs):   # TestClient takes no timeout
             urls.append(url)
             return client.post(url, **kwargs)
         monkeypatch.setattr(lc.httpx, "post", post)
