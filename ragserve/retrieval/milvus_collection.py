@@ -14,8 +14,8 @@ import numpy as np
 from ragserve.domain import Chunk, RetrievedChunk
 from ragserve.errors import BadInput, NotFound
 from ragserve.retrieval.base import StoredCollection
-from ragserve.retrieval.milvus_store import (CHUNK_FIELDS, FILTER_COLUMNS, PAGE, ALIVE, MAX_ID_BYTES,
-                                             MAX_TEXT_BYTES, MAX_TOP_K, in_clauses, filter_expr)
+from ragserve.retrieval.milvus_store import (ALIVE, CHUNK_FIELDS, FILTER_COLUMNS, MAX_ID_BYTES, MAX_TEXT_BYTES,
+                                             MAX_TOP_K, PAGE, filter_expr, in_clauses)
 from ragserve.retrieval.store import AddResult, CollectionSpec, content_hash
 
 if TYPE_CHECKING:
