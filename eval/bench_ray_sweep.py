@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,6 +74,7 @@ def main() -> int:
                      f"{r['loadavg_start'][0]} -> {r['loadavg_end'][0]} | {r['records_equal_first']} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    shutil.rmtree(data, ignore_errors=True)
     return 0
 
 

@@ -229,7 +229,7 @@ class InProcessBackend:
         from ragserve.retrieval.base import open_store
 
         ctl = next(iter(self._controllers.values()), None)
-        store = getattr(getattr(ctl, "_retriever", None), "store", None)   # the controller's store
+        store = getattr(getattr(ctl, "retriever", None), "store", None)   # the controller's store
         return largest_first((store or open_store()).collection_sizes().items())
 
     def query_stream(self, question: str, collection: str, plan: str | None = None,

@@ -152,14 +152,14 @@ CRASH = """
     import os, signal
     from ragserve.config import RetrievalConfig
     from ragserve.domain import Chunk
-    from ragserve.retrieval import milvus_store
+    from ragserve.retrieval import milvus_collection
     from ragserve.retrieval.base import open_store
     from retrieval_factories import make_chunks, make_vectors
     col = open_store(RetrievalConfig(store="milvus")).open("docs")
     def crash(stage):
         if stage == {stage!r}:
             os.kill(os.getpid(), signal.SIGKILL)
-    milvus_store._hook = crash
+    milvus_collection._hook = crash
     edited = [Chunk(id="doc#0", doc_id="doc", text="edited", num_tokens=1)]
     col.add(make_chunks(3, doc_id="new") + edited, make_vectors(4, seed=7), remove_ids=["doc#0", "doc#1"])
     print("not killed")
