@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--quality", action="append", default=[],
                    help="tuned: tuning sweep dir(s) of this dataset to cross-fit the quality model on "
                         "(repeatable); queries in the sweep are planned by a fold model that never saw them")
+    e.add_argument("--rate-factor", type=float, default=1.5,
+                   help="rate auto: arrivals at this x the one-at-a-time rate of --calibration-plan (default 1.5)")
+    e.add_argument("--calibration-plan", default="stuff:4",
+                   help="rate auto: the plan whose one-at-a-time rate sets the load (default stuff:4; use the "
+                        "best fixed plan to load relative to its capacity)")
     e.add_argument("--questions-from", help="evaluate exactly the questions of this tuning sweep dir (the "
                                             "simulator's validation: same queries as its records)")
     e.add_argument("--warmup", type=int, default=1, help="untimed queries before the first system (default 1)")
@@ -300,6 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ragserve.errors import BadInput
     from ragserve.eval.runner import EvalSettings, rate_arg, run_eval
     from ragserve.eval.systems import parse_grid, parse_systems
+    from ragserve.runtime import parse_plan
 
     if not args.out:
         raise BadInput("--out is required, e.g. --out eval/results/squad-qwen")
@@ -313,7 +319,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             doc_filter=args.doc_filter, datasets_root=args.datasets_dir, warmup=args.warmup,
                             progress=not args.no_progress, command=_command_line(args), grid=grid,
                             resume=not args.no_resume, quality=tuple(args.quality),
-                            question_ids=_sweep_ids(args.questions_from))
+                            question_ids=_sweep_ids(args.questions_from), rate_factor=args.rate_factor,
+                            calibration_plan=parse_plan(args.calibration_plan))
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1

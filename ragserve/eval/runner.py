@@ -61,6 +61,8 @@ class EvalSettings:
     resume: bool = True                # reuse systems already finished under `out` (eval/checkpoint.py)
     quality: tuple[str, ...] = ()      # sweep dirs the tuned system's quality model is cross-fitted on
     question_ids: tuple[str, ...] = () # exactly these questions (e.g. a sweep's, to validate the simulator)
+    rate_factor: float = AUTO_LOAD_FACTOR       # rate auto: this x the one-at-a-time rate of calibration_plan
+    calibration_plan: RagPlan = CALIBRATION_PLAN   # rate auto: e.g. the best fixed plan of a sweep
 
 
 @dataclass
@@ -134,18 +136,19 @@ async def run_system(controller: Any, system: System, workload: Workload, collec
 
 
 async def calibrate_rate(controller: Any, questions: Sequence[dict[str, Any]], collection: str,
-                         spec: DatasetSpec, doc_filter: bool) -> tuple[float, float]:
-    """(rate, mean service time): AUTO_LOAD_FACTOR / the mean latency of CALIBRATION_PLAN
-    over `questions`, answered one at a time."""
+                         spec: DatasetSpec, doc_filter: bool, plan: RagPlan = CALIBRATION_PLAN,
+                         factor: float = AUTO_LOAD_FACTOR) -> tuple[float, float]:
+    """(rate, mean service time): `factor` / the mean latency of `plan` over `questions`,
+    answered one at a time."""
     times = []
     for q in questions:
-        r = await controller.query(q["question"], collection, plan=CALIBRATION_PLAN,
+        r = await controller.query(q["question"], collection, plan=plan,
                                    filters=query_filters(spec, q, doc_filter))
         times.append(r.timings.total_s)
     service_s = sum(times) / len(times)
     # Rounded here, once: the rate the arrivals use is the one calibration.json records, so a
     # resumed run keys its saved systems on the same rate as the run that saved them.
-    return round(AUTO_LOAD_FACTOR / service_s, 4), service_s
+    return round(factor / service_s, 4), service_s
 
 
 def _variants(systems: Sequence[System]) -> dict[bool, list[System]]:
@@ -241,9 +244,10 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                                   filters=query_filters(spec, q, settings.doc_filter))
             if first_engine and settings.rate == "auto":
                 sample = [i.question for i in workload.items[:CALIBRATION_QUERIES]]
-                rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter)
+                rate, service_s = await calibrate_rate(plain, sample, collection, spec, settings.doc_filter,
+                                                       settings.calibration_plan, settings.rate_factor)
                 info.update(rate_qps=rate, calibration_service_s=round(service_s, 3),
-                            calibration_plan=str(CALIBRATION_PLAN))
+                            calibration_plan=str(settings.calibration_plan), rate_factor=settings.rate_factor)
                 checkpoint.save_calibration(settings.out, keys.plain, info)
                 workload = workload.with_rate(rate)
             first_engine = False
@@ -312,6 +316,8 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
     config = apply_dataset_settings(config, spec, corpus.collection)
     def key(cfg: Config, quality: tuple[str, ...] = ()) -> str:
         extra = {"quality": list(quality)} if quality else {}   # keys saved before it stay valid
+        if settings.rate_factor != AUTO_LOAD_FACTOR or settings.calibration_plan != CALIBRATION_PLAN:
+            extra.update(rate_factor=settings.rate_factor, calibration_plan=str(settings.calibration_plan))
         return checkpoint.workload_key({
             **extra, "dataset": settings.dataset, "config": repr(cfg), "rate": settings.rate, "seed": settings.seed,
             "corpus_limit": settings.corpus_limit, "doc_filter": settings.doc_filter,
