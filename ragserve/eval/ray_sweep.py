@@ -81,6 +81,9 @@ def connect(address: str, num_workers: int | None) -> tuple[bool, str | None]:
         # Ray swaps 127.0.0.1 for the host's reachable IP and its servers then listen on every
         # interface; as a single-host "cluster" (its macOS/Windows default) it keeps loopback.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Ray kills workers when the *host* passes 95% memory, whoever uses it; on a shared host
+        # that ends a sweep for other jobs' memory. The kernel's OOM killer still guards.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     try:
         import ray
         from ray._private import ray_constants
@@ -127,7 +130,10 @@ def ray_sweep(settings: Any, config: Config, spec: Any, questions: Sequence[dict
         env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
         actor = _actor_class()
         workers = [actor.remote(config, settings.dataset, collection, settings.doc_filter, env) for _ in range(num)]
-        pids = ray.get([w.warm_up.remote(todo[0][0]) for w in workers])
+        try:
+            pids = ray.get([w.warm_up.remote(todo[0][0]) for w in workers])
+        except ray.exceptions.RayError as exc:
+            raise RagServeError(f"starting the Ray workers failed ({type(exc).__name__}: {exc})") from None
         logger.info("tune on Ray: %d cells over %d workers (pids %s)", len(todo), num, pids)
         t1 = time.perf_counter()
         queue = list(reversed(todo))
