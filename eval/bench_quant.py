@@ -202,12 +202,13 @@ def main() -> None:
             for start in range(0, len(todo), args.batch):
                 batch = todo[start:start + args.batch]
                 for mode in modes:
+                    need = [w for w in batch if (w[0], w[1]["id"], mode) not in done]
+                    if not need:
+                        continue
                     t0 = time.perf_counter()
-                    results = greedy(runners[mode], [c for _, _, c in batch])
+                    results = greedy(runners[mode], [c for _, _, c in need])
                     dt = time.perf_counter() - t0
-                    for (ds, q, call), (first, text, n_out) in zip(batch, results):
-                        if (ds, q["id"], mode) in done:
-                            continue
+                    for (ds, q, call), (first, text, n_out) in zip(need, results):
                         s = score(get_spec(ds), text, q["answers"])
                         row = {"dataset": ds, "id": q["id"], "mode": mode, "answer": text, "first_token": first,
                                "f1": s["f1"], "output_tokens": n_out, "batch_wall_s": round(dt, 3)}
