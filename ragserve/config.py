@@ -136,6 +136,9 @@ class RetrievalConfig:
             raise ConfigError(f"retrieval.milvus must be a mapping, got {self.milvus!r}")
 
 
+QUANTIZATIONS = ("none", "int8", "int4")   # the embedded engine's weight formats
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     backend: str = "local"
@@ -148,6 +151,14 @@ class EngineConfig:
     """Most calls decoded together in one batch."""
     max_context_tokens: int = 8192
     """Longest prompt + output accepted for one call."""
+    quantization: str = "none"
+    """Weights of the embedded engine's linear layers: none | int8 (per-channel, weight-only) |
+    int4 (group-wise). Quantized once at the first start and cached beside the model."""
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"engine.quantization={self.quantization!r} must be one of: "
+                              f"{', '.join(QUANTIZATIONS)}")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ragserve.engines.speeds import SpeedTracker
 from ragserve.engines.local.blend import (Blender, BlendUnsupported, GatherStats, as_batch, kv_spec,
                                           precompute_chunks)
 from ragserve.engines.local.kv_store import KVStore, model_fingerprint
-from ragserve.engines.local.models import model_dir
+from ragserve.engines.local.models import model_dir, quantized_dir
 from ragserve.engines.local.runner import BatchKV, ModelRunner
 from ragserve.engines.local.segments import SegmentedPrompt, segment_call
 
@@ -64,7 +64,9 @@ class LocalEngine:
     def __init__(self, config: EngineConfig | None = None, blend: BlendConfig | None = None,
                  steer: SteerConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads(), dtype_override())
+        self.runner = ModelRunner(model_dir(self.config.model), self.config.model, num_threads(), dtype_override(),
+                                  self.config.quantization,
+                                  quantized_dir(self.config.model, self.config.quantization))
         self._store: KVStore | None = None   # chunk KV (+ steering scores), made on first use
         # -- LLMSteer: made on the first steered call (any call may ask for it) --
         self.steer_config = steer or SteerConfig()
@@ -239,7 +241,9 @@ class LocalEngine:
     def _kv_store(self) -> KVStore:
         """The chunk KV store (disk tier under <data dir>/kv), shared by blending and steering."""
         if self._store is None:
-            model_id = model_fingerprint(model_dir(self.config.model), self.config.model, self.runner.dtype)
+            name = self.config.model if self.config.quantization == "none" else \
+                f"{self.config.model}-{self.config.quantization}"   # quantized weights compute other KV
+            model_id = model_fingerprint(model_dir(self.config.model), name, self.runner.dtype)
             self._store = KVStore(data_dir() / "kv", kv_spec(self.runner.model, model_id),
                                   ram_budget_bytes=int(self.blend_config.ram_budget_mb * 2**20))
         return self._store

