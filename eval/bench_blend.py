@@ -277,8 +277,9 @@ def modes(ratios: list[float], variants: list[str], cheap: bool) -> list[tuple[s
     out: list[tuple[str, str, float, BlendConfig | None]] = [("full_prefill", "full_prefill", 1.0, None)]
     if not cheap:
         out.append(("prefix_cache", "prefix_cache", 1.0, None))
-    for v in variants:
-        for r in ratios:
+    for spec in variants:
+        v, _, own = spec.partition("@")   # "sink4@0.15/0.3": this variant at its own ratios
+        for r in ([float(x) for x in own.split("/")] if own else ratios):
             out.append((f"{v}_r{round(r * 100)}", v, r, variant_config(v, r)))
     return out
 
@@ -575,7 +576,8 @@ def main() -> None:
     p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.0, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50])
     p.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x], default=["single"],
-                   help="token-selection variants, e.g. single,sink4,edge4,mass80,layer2,sink4+layer2,gradual")
+                   help="token-selection variants, e.g. single,sink4,edge4,mass80,layer2,sink4+layer2,gradual; "
+                        "VARIANT@R1/R2 runs that one at its own ratios (e.g. layer2@0.15/0.3)")
     p.add_argument("--cheap", action="store_true",
                    help="prefill only: first-token KL and agreement, no decode (for iterating)")
     p.add_argument("--max-new-tokens", type=int, default=32)

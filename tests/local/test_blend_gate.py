@@ -191,3 +191,21 @@ def test_engine_refuses_blending_for_a_refused_collection(tmp_path, monkeypatch)
         assert stats["policies"]["bad"]["blend"] is False and stats["policies"]["good"]["ratio"] == 0.3
     finally:
         asyncio.run(engine.close())
+
+
+def test_http_stats_show_the_engines_blend_policies():
+    from types import SimpleNamespace
+
+    from ragserve.domain import EngineStats
+    from ragserve.server.routes_health import stats_snapshot
+
+    blend = {"enabled": True, "refused_calls": 1,
+             "policies": {"bad": {"blend": False, "ratio": 0.15, "source": "gate", "reason": "blend gate refused"}}}
+    engine = SimpleNamespace(stats=lambda: EngineStats(kv_capacity_tokens=10, kv_used_tokens=0, num_running=0,
+                                                       num_waiting=0, kv_bytes_per_token=1),
+                             blend_stats=lambda: blend)
+    counter = SimpleNamespace(in_flight=0, limit=1, num_rejected=0)
+    state = SimpleNamespace(runtime=SimpleNamespace(engine=engine, planner=None), started_at=0.0, ready=True,
+                            config=SimpleNamespace(engine=SimpleNamespace(model="smollm2")), queries=counter,
+                            ingests=counter, metrics=SimpleNamespace(num_queries=0, num_cancelled={}))
+    assert stats_snapshot(state)["blend"]["policies"]["bad"]["blend"] is False
