@@ -148,9 +148,8 @@ def test_gate_passes_a_correct_blend_and_refuses_misrotated_keys(smol, tmp_path)
     config = BlendConfig(enabled=True)
     kwargs = dict(num_prompts=4, chunks_per_prompt=4)
     chunks = squad_chunks(12)
-    good = check(blender, tok, "docs", chunks, config, ratios=(0.3, 1.0), **kwargs)
+    good = check(blender, tok, "docs", chunks, config, ratios=(0.3,), **kwargs)
     assert good.ratio == 0.3, good
-    assert good.points[-1].kl < 1e-3                 # ratio 1 is a full prefill
 
     place = blender.lw.place
     blender.lw.place = lambda keys, positions: keys   # stored keys keep their positions 0..n
