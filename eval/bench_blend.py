@@ -1,31 +1,36 @@
-"""CacheBlend benchmark: TTFT and answer quality of blended prefill vs full prefill.
+"""CacheBlend benchmark: the quality–TTFT curve of blended prefill against full prefill.
 
-    python eval/bench_blend.py --dataset squad --num 10 --chunks 6 --model qwen
-    python eval/bench_blend.py --dataset 2wikimultihopqa --num 100 --chunks 6 --model qwen
+    # cheap signals (prefill only), for iterating on token selection:
+    python eval/bench_blend.py --datasets squad,2wikimultihopqa,qmsum --num 20 --cheap \
+        --variants single,sink4,edge4,mass80,layer2
+    # the confirming run (greedy decode, paired F1 / ROUGE-L), resumable:
+    python eval/bench_blend.py --datasets squad,2wikimultihopqa,qmsum --num 100 --variants single
 
 Per question: the stuff prompt (`prompts.ANSWER`, via `synthesis.answer_call`) over `--chunks`
 chunks of >= `--min-context` tokens in total, built from the question's gold passages plus the
 corpus passages closest to the question (all-MiniLM-L6-v2 cosine, `ragserve.retrieval.embeddings`);
 passages are packed in rank order into chunks of about min_context/chunks tokens, golds that
-rank lower are inserted at a seeded position. Every mode prefills the *same* token ids
-(`segments.segment_call`, equal to the chat template's) and greedy-decodes up to
-`--max-new-tokens` tokens, stopping at a newline.
+rank lower are inserted at a seeded position (qmsum: a question with more golds than chunks
+draws from its own meeting; transcript passages are cut to 256 tokens). Every mode prefills
+the *same* token ids (`segments.segment_call`, equal to the chat template's). Questions of
+the datasets are interleaved, so a partial run covers each about equally.
 
-Modes:
-    full_prefill      HF forward over the whole prompt
-    prefix_cache      reuse the longest cached prefix in 16-token blocks (vLLM automatic prefix
-                      caching): the cache holds the system prefix and every earlier prompt
-    full_reuse        blend with r = 0: stored chunk KV, only glue and question computed
-    blend_<mode>_r<N> blend recomputing N% of the reused tokens, single check layer (LMCache)
-                      or gradual filtering (the paper)
+Modes: full_prefill (HF forward, the reference), prefix_cache (full runs only: vLLM-style
+automatic prefix caching over 16-token blocks), then `<variant>_r<N>` for every variant and
+ratio: the blend recomputing N% of the reused tokens with the variant's token selection
+(`variant_config`: single, gradual, value, sink<N>, edge<N>, mass<P>, layer<L>, '+'-joined).
 
-Chunk KVs are precomputed (and stored on disk) before anything is timed. TTFT is from the
-start of prefill to the first token's logits, with the prompt's chunk KV already in RAM; it
-includes laying the KV out over the prompt and rotating keys. `kv_load` is separate: the
-same chunk KVs read back from the disk tier (RAM tier emptied first), checksums included.
+Per (mode, ratio), paired per question against full prefill: mean quality difference (F1 for
+squad/2wikimultihopqa, ROUGE-L for qmsum) with its 95% CI, answer agreement (normalized
+answers equal), first-token agreement, first-token KL(full || mode), TTFT ratio (median of
+per-question blend TTFT / full TTFT; chunk KV in RAM, layout and key rotation included).
+`--cheap` skips decoding: only the first-token signals and TTFT.
 
-Writes eval/results/bench_blend_<dataset>.json and .md. `--combine A.json B.json --out STEM`
-summarizes several finished runs' rows together (no model is run).
+Writes <out>.json ("rows": one per mode and ratio; "by_dataset"; "questions": per-question
+records), <out>.md and <out>.png (default out: eval/results/bench_blend_curve). After every
+question the files are rewritten and the question is appended to <out>.partial.jsonl: a killed
+run resumes there and its files say "partial: n of N". `--combine A.json B.json --out STEM`
+makes one curve over several finished runs' questions.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ from ragserve.engines.local.blend import Blender, kv_spec, to_cache  # noqa: E40
 from ragserve.engines.local.kv_store import KVStore, model_fingerprint  # noqa: E402
 from ragserve.engines.local.models import model_dir  # noqa: E402
 from ragserve.engines.local.segments import SegmentedPrompt, segment_call  # noqa: E402
-from ragserve.metrics import best_f1, normalize_answer  # noqa: E402
+from ragserve.metrics import best_f1, best_rouge_l, normalize_answer  # noqa: E402
 from ragserve.synthesis import answer_call  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,15 +96,32 @@ def corpus_embeddings(dataset: str, corpus: list[dict], cache: Path) -> np.ndarr
 
 
 def build_chunks(q: dict, corpus: list[dict], index: dict[str, int], scores: np.ndarray, tok: Any,
-                 num_chunks: int, min_context: int) -> list[Chunk]:
-    """Gold passages + nearest passages, packed in rank order into `num_chunks` chunks."""
+                 num_chunks: int, min_context: int, max_passage_tokens: int | None = None) -> list[Chunk]:
+    """Gold passages + nearest passages, packed in rank order into `num_chunks` chunks.
+
+    A question with more gold passages than chunks (qmsum's whole-meeting queries) draws from
+    its golds only, nearest first. `max_passage_tokens` cuts longer passages (qmsum transcript
+    chunks run ~400 tokens; uncut, six of them cost a long prefill per mode)."""
     rng = random.Random(q["id"])
     gold = [index[c] for c in q["corpus_ids"] if c in index]
-    ranked = [int(i) for i in np.argsort(-scores) if int(i) not in gold]
-    order = ranked[: num_chunks * 8]
+    if len(gold) > num_chunks:
+        order = sorted(gold, key=lambda g: -scores[g])
+        gold = []
+    else:
+        ranked = [int(i) for i in np.argsort(-scores) if int(i) not in gold]
+        order = ranked[: num_chunks * 8]
     for g in gold:   # a gold passage keeps its rank if it is near the top, else lands at random
         rank = int((scores > scores[g]).sum())
         order.insert(rank if rank < len(order) else rng.randrange(len(order) + 1), g)
+
+    def passage(i: int) -> str:
+        text = corpus[i]["text"]
+        if max_passage_tokens:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_passage_tokens:
+                text = tok.decode(ids[:max_passage_tokens])
+        return f"{corpus[i]['title']}\n{text}"
+
     target = -(-min_context // num_chunks)
     chunks: list[Chunk] = []
     ids: list[str] = []
@@ -107,7 +129,7 @@ def build_chunks(q: dict, corpus: list[dict], index: dict[str, int], scores: np.
     size = total = 0
     for i in order:
         p = corpus[i]
-        texts.append(f"{p['title']}\n{p['text']}")
+        texts.append(passage(i))
         ids.append(p["id"])
         size += len(tok(texts[-1] + "\n\n", add_special_tokens=False)["input_ids"])
         # close a chunk near the target; the last one closes once the context is long enough
@@ -118,12 +140,14 @@ def build_chunks(q: dict, corpus: list[dict], index: dict[str, int], scores: np.
             ids, texts, size = [], [], 0
             if len(chunks) == num_chunks:
                 break
+    if texts and len(chunks) < num_chunks:   # ran out of candidates: the rest is the last chunk
+        chunks.append(Chunk(id="+".join(ids), doc_id=ids[0], text="\n\n".join(texts), num_tokens=size))
     missing = [g for g in gold if not any(corpus[g]["id"] in c.id.split("+") for c in chunks)]
     if missing:   # a gold passage fell past the last chunk: swap it into a random chunk's place
         for g in missing:
             j = rng.randrange(len(chunks))
             p = corpus[g]
-            text = f"{p['title']}\n{p['text']}"
+            text = passage(g)
             chunks[j] = Chunk(id=p["id"] + "+" + chunks[j].id, doc_id=p["id"], text=text + "\n\n" + chunks[j].text,
                               num_tokens=chunks[j].num_tokens)
     return chunks
@@ -213,28 +237,57 @@ class PrefixCache:
 
 
 # -- the benchmark -------------------------------------------------------------------------
-def modes(ratios: list[float], only: list[str] | None = None) -> list[tuple[str, BlendConfig | None]]:
-    """The modes to run; `only` keeps those whose name starts with one of its entries
-    (full_prefill always runs: it is the reference)."""
-    out: list[tuple[str, BlendConfig | None]] = [("full_prefill", None), ("prefix_cache", None),
-                                                 ("full_reuse", BlendConfig(ratio=0.0))]
-    for mode in ("single", "gradual"):
-        for r in ratios:
-            out.append((f"blend_{mode}_r{round(r * 100)}", BlendConfig(ratio=r, mode=mode)))
-    if only:
-        out = [m for m in out if m[0] == "full_prefill" or any(m[0].startswith(o) for o in only)]
+QUALITY = {"squad": "f1", "2wikimultihopqa": "f1", "qmsum": "rouge_l"}   # the paired quality metric
+MAX_NEW = {"qmsum": 64}   # summaries run longer than a short answer
+PASSAGE_CAP = {"qmsum": 256}
+ALIASES = {"single": {}, "gradual": {"mode": "gradual"}, "value": {"deviation": "value"}}
+
+
+def variant_config(spec: str, ratio: float) -> BlendConfig:
+    """A BlendConfig from a variant name: '+'-joined parts, each `single`, `gradual`, `value`,
+    `sink<N>` (each chunk's first N tokens), `edge<N>` (first and last N), `mass<P>`
+    (per-prompt ratio covering P% of the deviation, capped by the ratio), `layer<L>`
+    (check layer L; with gradual: layers L..L+3)."""
+    kw: dict[str, Any] = {"ratio": ratio}
+    for part in spec.split("+"):
+        head = part.rstrip("0123456789")
+        num = part[len(head):]
+        if part in ALIASES:
+            kw.update(ALIASES[part])
+        elif head == "sink" and num:
+            kw["sink_tokens"] = int(num)
+        elif head == "edge" and num:
+            kw["sink_tokens"] = kw["boundary_tokens"] = int(num)
+        elif head == "mass" and num:
+            kw["deviation_mass"] = int(num) / 100
+        elif head == "layer" and num:
+            kw["check_layers"] = (int(num),)
+        else:
+            raise SystemExit(f"--variants: unknown part {part!r} in {spec!r}; use single, gradual, value, "
+                             "sink<N>, edge<N>, mass<P>, layer<L>, joined with '+'")
+    if kw.get("mode") == "gradual" and "check_layers" in kw:
+        first = kw["check_layers"][0]
+        kw["check_layers"] = tuple(range(first, first + 4))
+    return BlendConfig(**kw)
+
+
+def modes(ratios: list[float], variants: list[str], cheap: bool) -> list[tuple[str, str, float, BlendConfig | None]]:
+    """(mode name, variant, ratio, config): full_prefill first (the reference), prefix_cache
+    unless cheap, then every variant at every ratio."""
+    out: list[tuple[str, str, float, BlendConfig | None]] = [("full_prefill", "full_prefill", 1.0, None)]
+    if not cheap:
+        out.append(("prefix_cache", "prefix_cache", 1.0, None))
+    for spec in variants:
+        v, _, own = spec.partition("@")   # "sink4@0.15/0.3": this variant at its own ratios
+        for r in ([float(x) for x in own.split("/")] if own else ratios):
+            out.append((f"{v}_r{round(r * 100)}", v, r, variant_config(v, r)))
     return out
 
 
-def deviation(res: Prefill, ref_logp: torch.Tensor, ref_keys: list[torch.Tensor]) -> dict:
-    """KL(full || mode) of the first token's distribution and the relative key deviation
-    from the full prefill at the middle and last layer (measured before decoding)."""
-    logp = torch.log_softmax(res.logits, -1)
-    out = {"first_token_kl": round(float((ref_logp.exp() * (ref_logp - logp)).sum()), 5)}
-    for name, layer in (("key_dev_mid", len(ref_keys) // 2), ("key_dev_last", len(ref_keys) - 1)):
-        k = res.cache.layers[layer].keys[:, :, :ref_keys[layer].shape[2]].float()
-        out[name] = round(float((k - ref_keys[layer]).norm() / ref_keys[layer].norm()), 5)
-    return out
+def first_token_kl(logits: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """KL(full || mode) of the first output token's distribution."""
+    logp = torch.log_softmax(logits, -1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum())
 
 
 def pct(values: list[float], q: float) -> float:
@@ -242,17 +295,43 @@ def pct(values: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% CI (0 for fewer than 2 values)."""
+    if not values:
+        return float("nan"), float("nan")
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.mean(values), half
+
+
+def interleave(per_dataset: list[list[dict]]) -> list[dict]:
+    """Round-robin over datasets, so a partial run covers each about equally."""
+    out = []
+    for i in range(max((len(x) for x in per_dataset), default=0)):
+        out += [x[i] for x in per_dataset if i < len(x)]
+    return out
+
+
+class Dataset:
+    """One dataset's corpus, embeddings and questions (with their query vectors)."""
+
+    def __init__(self, name: str, num: int, cache: Path) -> None:
+        from ragserve.retrieval.embeddings import Embedder
+
+        root = datasets_dir() / name
+        self.name = name
+        self.questions = [dict(q, dataset=name) for q in read_jsonl(root / "questions.jsonl", num)]
+        self.corpus = read_jsonl(root / "corpus.jsonl")
+        self.index = {p["id"]: i for i, p in enumerate(self.corpus)}
+        self.vectors = corpus_embeddings(name, self.corpus, cache)
+        qvecs = Embedder().encode([q["question"] for q in self.questions])
+        for q, v in zip(self.questions, qvecs):
+            q["_vec"] = v
+
+
 def run(args: argparse.Namespace, stem: Path) -> dict:
     torch.set_num_threads(args.threads)
-    root = datasets_dir() / args.dataset
-    questions = read_jsonl(root / "questions.jsonl", args.num)
-    corpus = read_jsonl(root / "corpus.jsonl")
-    index = {p["id"]: i for i, p in enumerate(corpus)}
-    cache_root = Path(args.cache_dir)
-    vectors = corpus_embeddings(args.dataset, corpus, cache_root)
-    from ragserve.retrieval.embeddings import Embedder
-
-    qvecs = Embedder().encode([q["question"] for q in questions])
+    data = {d: Dataset(d, args.num, Path(args.cache_dir)) for d in args.datasets}
+    questions = interleave([d.questions for d in data.values()])
 
     dtype = getattr(torch, args.dtype)
     path = model_dir(args.model)
@@ -262,42 +341,49 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
                     ram_budget_bytes=int(args.ram_mb * 2**20))
     blender = Blender(model, store)
     eos = eos_ids(model, tok)
-    mode_list = modes(args.ratios, args.modes)
+    mode_list = modes(args.ratios, args.variants, args.cheap)
     prefix_cache = PrefixCache()
-    partial = stem.with_suffix(".partial.jsonl")   # one row per finished question: a killed run resumes
+    partial = stem.with_suffix(".partial.jsonl")   # one line per finished question: a killed run resumes
     rows: list[dict] = read_jsonl(partial) if partial.is_file() else []
-    setup = f"{args.model}/{args.dtype}/{args.chunks}/{args.min_context}/{args.max_new_tokens}"
-    qids = {q["id"] for q in questions}
-    done = {r["id"] for r in rows if r.get("setup") == setup and r["id"] in qids
-            and set(r["modes"]) == {m for m, _ in mode_list}}
-    rows = [r for r in rows if r["id"] in done]
+    setup = f"{args.model}/{args.dtype}/{args.chunks}/{args.min_context}/{args.max_new_tokens}/{'cheap' if args.cheap else 'full'}"
+    keys = {(q["dataset"], q["id"]) for q in questions}
+    names = {m[0] for m in mode_list}
+    rows = [r for r in rows if r.get("setup") == setup and (r["dataset"], r["id"]) in keys
+            and set(r["modes"]) >= names]
+    done = {(r["dataset"], r["id"]) for r in rows}
     if rows:
         logger.info("resuming: %d questions already measured in %s", len(rows), partial)
     t_start = time.perf_counter()
     for qi, q in enumerate(questions):
-        if q["id"] in done:
+        if (q["dataset"], q["id"]) in done:
             continue
-        chunks = build_chunks(q, corpus, index, vectors @ qvecs[qi], tok, args.chunks, args.min_context)
-        call = answer_call(q["question"], chunks, args.max_new_tokens, stop=("\n",))
+        d = data[q["dataset"]]
+        max_new = MAX_NEW.get(d.name, args.max_new_tokens)
+        chunks = build_chunks(q, d.corpus, d.index, d.vectors @ q["_vec"], tok, args.chunks, args.min_context,
+                              PASSAGE_CAP.get(d.name))
+        call = answer_call(q["question"], chunks, max_new, stop=("\n",))
         prompt = segment_call(tok, call)
         assert prompt is not None, "the answer prompt did not segment"
-        if not prefix_cache.entries:   # steady state of a prefix cache: the system prefix is always there
-            head = prompt.token_ids[: prompt.segments[0].end]
-            prefix_cache.add(head, hf_prefill(model, head).cache)
+        if not args.cheap and not prefix_cache.entries:   # a prefix cache's steady state holds the system prefix
+            head_ids = prompt.token_ids[: prompt.segments[0].end]
+            prefix_cache.add(head_ids, hf_prefill(model, head_ids).cache)
         pre = blender.precompute(prompt)
         store.flush()
         store.drop_ram()
         _, load = blender.gather(prompt)               # disk -> RAM, checksums, layout
+        metric = QUALITY[d.name]
+        score = best_rouge_l if metric == "rouge_l" else best_f1
         row: dict[str, Any] = {
-            "id": q["id"], "setup": setup, "question": q["question"], "answers": q["answers"], "num_tokens": len(prompt),
-            "num_chunk_tokens": prompt.num_chunk_tokens, "num_fresh_tokens": prompt.num_fresh_tokens,
+            "dataset": d.name, "id": q["id"], "setup": setup, "question": q["question"],
+            "num_tokens": len(prompt), "num_reused_tokens": prompt.num_reused_tokens,
+            "num_fresh_tokens": prompt.num_fresh_tokens, "metric": metric,
             "gold_in_context": sum(any(g in c.id.split("+") for c in chunks) for g in q["corpus_ids"]),
             "precompute_s": round(pre.compute_s, 3), "kv_load_s": round(load.load_s, 4),
-            "kv_layout_s": round(load.layout_s, 4), "kv_disk_hits": load.num_disk, "modes": {}}
-        for name, cfg in mode_list:
+            "kv_layout_s": round(load.layout_s, 4), "modes": {}}
+        for name, _variant, _ratio, cfg in mode_list:
             if name == "full_prefill":
                 res = hf_prefill(model, prompt.token_ids)
-                prefix_cache_add = res.cache
+                full_cache = res.cache
             elif name == "prefix_cache":
                 n, past = prefix_cache.lookup(prompt.token_ids)
                 res = hf_prefill(model, prompt.token_ids, past, n)
@@ -308,102 +394,170 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
                 out = blender.blend(prompt, cfg, again)
                 int(out.logits.argmax())
                 res = Prefill(out.cache, out.logits, time.perf_counter() - t0,
-                              {"recomputed_tokens": out.num_recomputed,
-                               "compute_fraction": round(out.compute_fraction, 4),
-                               "num_active": out.num_active})
-            if name == "full_prefill":   # the reference for the distribution and KV deviations
+                              {"compute_fraction": round(out.compute_fraction, 4),
+                               # share of the reused tokens recomputed past the last check layer
+                               "recompute_share": round((out.num_recomputed - prompt.num_fresh_tokens)
+                                                        / max(1, prompt.num_reused_tokens), 4)})
+            if name == "full_prefill":
                 ref_logp = torch.log_softmax(res.logits, -1)
-                ref_keys = [layer.keys[:, :, :len(prompt)].float() for layer in res.cache.layers]
-            res.extra.update(deviation(res, ref_logp, ref_keys))
-            answer = greedy(model, tok, res.cache, res.logits, len(prompt), args.max_new_tokens, eos)
-            row["modes"][name] = {"ttft_s": round(res.ttft_s, 4), "answer": answer,
-                                  "f1": round(best_f1(answer, q["answers"]), 4),
-                                  "first_token": int(res.logits.argmax()), **res.extra}
-            logger.info("q%d %s ttft %.2fs f1 %.2f %r", qi, name, res.ttft_s, row["modes"][name]["f1"], answer)
-        prefix_cache.add(prompt.token_ids, prefix_cache_add)
+            m = {"ttft_s": round(res.ttft_s, 4), "first_token": int(res.logits.argmax()),
+                 "kl": round(first_token_kl(res.logits, ref_logp), 5), **res.extra}
+            if not args.cheap:
+                m["answer"] = greedy(model, tok, res.cache, res.logits, len(prompt), max_new, eos)
+                m["quality"] = round(score(m["answer"], q["answers"]), 4)
+            row["modes"][name] = m
+            logger.info("q%d %s %s ttft %.2fs kl %.3f %s", qi, d.name, name, res.ttft_s, m["kl"],
+                        repr(m.get("answer", "")))
+        if not args.cheap:
+            prefix_cache.add(prompt.token_ids, full_cache)
         full = row["modes"]["full_prefill"]
         for m in row["modes"].values():
-            m["agrees_with_full"] = normalize_answer(m["answer"]) == normalize_answer(full["answer"])
             m["first_token_agrees"] = m["first_token"] == full["first_token"]
+            if not args.cheap:
+                m["agrees"] = normalize_answer(m["answer"]) == normalize_answer(full["answer"])
         rows.append(row)
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
-        logger.info("question %d/%d done (%d tokens) at %.0fs", qi + 1, len(questions), len(prompt),
+        write(dict(summarize(args, rows, mode_list), planned=len(questions)), stem)   # a killed run leaves honest files
+        logger.info("question %d/%d done (%s, %d tokens) at %.0fs", qi + 1, len(questions), d.name, len(prompt),
                     time.perf_counter() - t_start)
-    return summarize(args, rows, mode_list, store)
+    return dict(summarize(args, rows, mode_list), planned=len(questions))
 
 
-def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list, store: KVStore | None) -> dict:
-    full_ttft = [r["modes"]["full_prefill"]["ttft_s"] for r in rows]
-    summary: dict[str, dict] = {}
-    for name, _ in mode_list:
-        ttft = [r["modes"][name]["ttft_s"] for r in rows]
-        ratio = [t / f for t, f in zip(ttft, full_ttft)]
-        s = {"ttft_median_s": round(statistics.median(ttft), 3), "ttft_p90_s": round(pct(ttft, 0.9), 3),
-             "ttft_vs_full_median": round(statistics.median(ratio), 3),
-             "f1_mean": round(statistics.mean(r["modes"][name]["f1"] for r in rows), 4),
-             "agreement": round(statistics.mean(r["modes"][name]["agrees_with_full"] for r in rows), 3),
-             "first_token_agreement": round(statistics.mean(r["modes"][name]["first_token_agrees"] for r in rows), 3)}
-        diff = [r["modes"][name]["f1"] - r["modes"]["full_prefill"]["f1"] for r in rows]
-        half = 1.96 * statistics.stdev(diff) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        s["f1_vs_full"] = round(statistics.mean(diff), 4)       # paired, per question
-        s["f1_vs_full_ci95"] = round(half, 4)
-        for key in ("compute_fraction", "first_token_kl", "key_dev_last"):
-            values = [r["modes"][name].get(key) for r in rows]
-            if all(v is not None for v in values):
-                s[f"{key}_mean"] = round(statistics.mean(values), 4)
-        summary[name] = s
-    load = [r["kv_load_s"] for r in rows]
+def curve_row(rows: list[dict], name: str, variant: str, ratio: float) -> dict:
+    """One (mode, ratio) point over `rows`, paired against full_prefill per question."""
+    ms = [r["modes"][name] for r in rows]
+    full = [r["modes"]["full_prefill"] for r in rows]
+    ttft = [m["ttft_s"] / f["ttft_s"] for m, f in zip(ms, full)]
+    kl, kl_ci = mean_ci([m["kl"] for m in ms])
+    out: dict[str, Any] = {"mode": variant, "ratio": ratio, "n": len(rows),
+                           "ttft_ratio": round(statistics.median(ttft), 3),
+                           "f1_diff": None, "f1_diff_ci95": None, "agreement": None,
+                           "first_token_agreement": round(statistics.mean(m["first_token_agrees"] for m in ms), 3),
+                           "kl": round(kl, 4), "kl_ci95": round(kl_ci, 4)}
+    if all("quality" in m for m in ms):
+        diff, half = mean_ci([m["quality"] - f["quality"] for m, f in zip(ms, full)])
+        out.update(f1_diff=round(diff, 4), f1_diff_ci95=round(half, 4),
+                   agreement=round(statistics.mean(m["agrees"] for m in ms), 3),
+                   quality=round(statistics.mean(m["quality"] for m in ms), 4))
+    for key in ("compute_fraction", "recompute_share"):
+        if all(key in m for m in ms):
+            out[key] = round(statistics.mean(m[key] for m in ms), 4)
+    return out
+
+
+def summarize(args: argparse.Namespace, rows: list[dict], mode_list: list) -> dict:
+    """The curve over all rows ("rows": one per mode and ratio) and per dataset."""
+    curve = [curve_row(rows, name, variant, ratio) for name, variant, ratio, _ in mode_list if rows]
+    by_dataset = {}
+    for d in sorted({r["dataset"] for r in rows}):
+        sub = [r for r in rows if r["dataset"] == d]
+        by_dataset[d] = [curve_row(sub, name, variant, ratio) for name, variant, ratio, _ in mode_list]
     return {
-        "dataset": args.dataset, "model": args.model, "dtype": args.dtype, "num": len(rows),
-        "chunks": args.chunks, "min_context": args.min_context, "threads": args.threads,
-        "context_tokens_mean": round(statistics.mean(r["num_tokens"] for r in rows), 1),
-        "context_tokens_min": min(r["num_tokens"] for r in rows),
-        "kv_load_median_ms": round(1000 * statistics.median(load), 2),
-        "kv_load_p90_ms": round(1000 * pct(load, 0.9), 2),
-        "kv_layout_median_ms": round(1000 * statistics.median(r["kv_layout_s"] for r in rows), 2),
-        "kv_store": vars(store.stats) if store is not None else None,
+        "datasets": sorted({r["dataset"] for r in rows}), "model": args.model, "dtype": args.dtype,
+        "num": len(rows), "num_per_dataset": {d: v[0]["n"] for d, v in by_dataset.items()},
+        "cheap": args.cheap, "chunks": args.chunks, "min_context": args.min_context, "threads": args.threads,
+        "quality_metric": {d: QUALITY[d] for d in by_dataset},
+        "context_tokens_mean": round(statistics.mean(r["num_tokens"] for r in rows), 1) if rows else None,
+        "kv_load_median_ms": round(1000 * statistics.median(r["kv_load_s"] for r in rows), 2) if rows else None,
         "command": getattr(args, "command", None) or "python " + " ".join(sys.argv),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "loadavg_end": os.getloadavg()},
-        "summary": summary, "rows": rows,
+        "rows": curve, "by_dataset": by_dataset, "questions": rows,
     }
 
 
+def fmt(value: Any, ci: Any = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.4f} ± {ci:.4f}" if ci is not None else f"{value}"
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# CacheBlend benchmark: {result['dataset']}, {result['model']} {result['dtype']}", "",
-             f"N = {result['num']} questions, {result['chunks']} chunks, prompt tokens mean "
-             f"{result['context_tokens_mean']} (min {result['context_tokens_min']}), {result['threads']} threads. "
-             f"Chunk KV load from disk: median {result['kv_load_median_ms']} ms, p90 {result['kv_load_p90_ms']} ms "
-             f"(+ layout/rotation median {result['kv_layout_median_ms']} ms, counted in blend TTFT).", "",
+    metric = ", ".join(f"{d}: {m}" for d, m in result["quality_metric"].items())
+    planned = result.get("planned")
+    status = f" — **partial: {result['num']} of {planned} questions**" if planned and result["num"] < planned else ""
+    lines = [f"# CacheBlend quality–TTFT curve: {'+'.join(result['datasets'])}, {result['model']} {result['dtype']}"
+             f"{status}", "",
+             f"N = {result['num']} paired questions ({', '.join(f'{d} {n}' for d, n in result['num_per_dataset'].items())}), "
+             f"{result['chunks']} chunks, prompt tokens mean {result['context_tokens_mean']}, "
+             f"{'cheap signals only (prefill, no decode)' if result['cheap'] else 'greedy decode'}; quality metric {metric}. "
+             "Every difference is paired per question against full prefill (mean ± 95% CI half-width). "
+             "TTFT ratio: median over questions of blend TTFT / full-prefill TTFT (chunk KV in RAM; includes "
+             "layout and key rotation; shared CPU, so noisy).", "",
              f"Command: `{result.get('command', '')}`", "",
-             "| mode | TTFT median (s) | TTFT p90 (s) | TTFT / full (median) | compute fraction | F1 | "
-             "F1 - full (95% CI) | agrees with full | first token agrees | first-token KL | last-layer key dev |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in result["summary"].items():
-        lines.append(f"| {name} | {s['ttft_median_s']} | {s['ttft_p90_s']} | {s['ttft_vs_full_median']} | "
-                     f"{s.get('compute_fraction_mean', '')} | {s['f1_mean']} | "
-                     f"{s.get('f1_vs_full', 0):+.4f} ± {s.get('f1_vs_full_ci95', 0):.4f} | {s['agreement']} | "
-                     f"{s['first_token_agreement']} | {s.get('first_token_kl_mean', '')} | "
-                     f"{s.get('key_dev_last_mean', '')} |")
+             "| mode | ratio | n | TTFT ratio | recomputed share | quality diff (95% CI) | answer agreement | "
+             "first-token agreement | first-token KL (95% CI) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['ratio']} | {r['n']} | {r['ttft_ratio']} | {r.get('recompute_share', '–')} | "
+                     f"{fmt(r['f1_diff'], r['f1_diff_ci95'])} | {fmt(r['agreement'])} | {r['first_token_agreement']} | "
+                     f"{r['kl']} ± {r['kl_ci95']} |")
+    for d, curve in result["by_dataset"].items():
+        if len(result["by_dataset"]) < 2:
+            break
+        lines += ["", f"## {d} ({result['quality_metric'][d]}, n = {curve[0]['n']})", "",
+                  "| mode | ratio | TTFT ratio | quality diff (95% CI) | agreement | first-token agreement | KL |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in curve:
+            lines.append(f"| {r['mode']} | {r['ratio']} | {r['ttft_ratio']} | {fmt(r['f1_diff'], r['f1_diff_ci95'])} | "
+                         f"{fmt(r['agreement'])} | {r['first_token_agreement']} | {r['kl']} |")
     lines += ["", f"Machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs, torch "
               f"{result['machine']['torch']}, load average at the end {result['machine']['loadavg_end']}.", ""]
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Quality (or first-token KL when cheap) against TTFT ratio, one line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cheap = any(r["f1_diff"] is None for r in result["rows"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in dict.fromkeys(r["mode"] for r in result["rows"] if r["mode"] != "full_prefill"):
+        pts = [r for r in result["rows"] if r["mode"] == mode]
+        x = [r["ttft_ratio"] for r in pts]
+        if cheap:
+            axes[0].errorbar(x, [r["kl"] for r in pts], yerr=[r["kl_ci95"] for r in pts], marker="o", label=mode, capsize=2)
+        else:
+            axes[0].errorbar(x, [r["f1_diff"] for r in pts], yerr=[r["f1_diff_ci95"] for r in pts], marker="o",
+                             label=mode, capsize=2)
+        axes[1].plot(x, [r["first_token_agreement"] if cheap else r["agreement"] for r in pts], marker="o", label=mode)
+    axes[0].set_ylabel("first-token KL vs full prefill" if cheap else "quality − full prefill (paired, 95% CI)")
+    axes[1].set_ylabel("first-token agreement" if cheap else "answer agreement with full prefill")
+    if not cheap:
+        axes[0].axhline(-0.02, color="grey", ls="--", lw=1)
+        axes[1].axhline(0.8, color="grey", ls="--", lw=1)
+    for ax in axes:
+        ax.set_xlabel("TTFT / full prefill (median)")
+        ax.axvline(0.33, color="grey", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"CacheBlend, {result['model']}, N = {result['num']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    stem.with_suffix(".md").write_text(markdown(result))
+
+
 def combine(paths: list[str], stem: Path) -> dict:
-    """One summary over the rows of several result files (e.g. squad + 2wikimultihopqa)."""
+    """One curve over the questions of several result files (e.g. separate runs per dataset)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    modes = [set(r["modes"]) for part in parts for r in part["rows"]]
-    if any(m != modes[0] for m in modes):
-        raise SystemExit(f"--combine: {', '.join(paths)} ran different modes; combine runs of the same modes")
     first = parts[0]
-    meta = argparse.Namespace(dataset="+".join(p["dataset"] for p in parts), model=first["model"],
-                              dtype=first["dtype"], chunks=first["chunks"], min_context=first["min_context"],
-                              threads=first["threads"],
+    names = [set(q["modes"]) for part in parts for q in part["questions"]]
+    if any(n != names[0] for n in names):
+        raise SystemExit(f"--combine: {', '.join(paths)} ran different modes; combine runs of the same modes")
+    mode_list = [(m, r["mode"], r["ratio"], None) for m, r in zip(first["questions"][0]["modes"], first["rows"])]
+    meta = argparse.Namespace(model=first["model"], dtype=first["dtype"], chunks=first["chunks"], cheap=first["cheap"],
+                              min_context=first["min_context"], threads=first["threads"],
                               command="python eval/bench_blend.py --combine " + " ".join(paths) + f" --out {stem}")
-    rows = [r for part in parts for r in part["rows"]]
-    result = summarize(meta, rows, [(name, None) for name in first["summary"]], None)
+    result = summarize(meta, [q for part in parts for q in part["questions"]], mode_list)
     result["machine"] = first["machine"]   # where the rows were measured, not where they were combined
     return result
 
@@ -411,30 +565,38 @@ def combine(paths: list[str], stem: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
-                   help="summarize the rows of earlier result files together (no model is run)")
-    p.add_argument("--dataset", default="squad", choices=["squad", "2wikimultihopqa"])
-    p.add_argument("--num", type=int, default=10)
+                   help="one curve over the questions of earlier result files (no model is run)")
+    p.add_argument("--datasets", type=lambda s: [x for x in s.split(",") if x], default=["squad"],
+                   help=f"comma-separated, of {', '.join(QUALITY)}; questions are interleaved")
+    p.add_argument("--num", type=int, default=10, help="questions per dataset (the first N)")
     p.add_argument("--chunks", type=int, default=6)
     p.add_argument("--model", default="qwen")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     p.add_argument("--min-context", type=int, default=1500, help="chunk tokens per prompt, at least")
-    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.10, 0.15, 0.30])
-    p.add_argument("--modes", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="run only modes starting with these, e.g. prefix_cache,full_reuse,blend_single")
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[0.0, 0.05, 0.10, 0.15, 0.20, 0.30, 0.50])
+    p.add_argument("--variants", type=lambda s: [x for x in s.split(",") if x], default=["single"],
+                   help="token-selection variants, e.g. single,sink4,edge4,mass80,layer2,sink4+layer2,gradual; "
+                        "VARIANT@R1/R2 runs that one at its own ratios (e.g. layer2@0.15/0.3)")
+    p.add_argument("--cheap", action="store_true",
+                   help="prefill only: first-token KL and agreement, no decode (for iterating)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--kv-dir", default=str(data_dir() / "kv"), help="disk tier of the chunk KV store")
     p.add_argument("--ram-mb", type=float, default=1024.0)
     p.add_argument("--cache-dir", default=str(cache_dir() / "bench_blend"), help="corpus embeddings")
-    p.add_argument("--out", default=None, help="output stem (default eval/results/bench_blend_<dataset>)")
+    p.add_argument("--out", default=None, help="output stem (default eval/results/bench_blend_curve)")
     args = p.parse_args()
+    for d in args.datasets:
+        if d not in QUALITY:
+            raise SystemExit(f"--datasets: {d!r} is not one of {', '.join(QUALITY)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stem = Path(args.out) if args.out else RESULTS / f"bench_blend_{args.dataset}"
+    stem = Path(args.out) if args.out else RESULTS / "bench_blend_curve"
     stem.parent.mkdir(parents=True, exist_ok=True)
     result = combine(args.combine, stem) if args.combine else run(args, stem)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(markdown(result))
+    write(result, stem)
+    plot(result, stem.with_suffix(".png"))
     stem.with_suffix(".partial.jsonl").unlink(missing_ok=True)   # its rows are in the JSON now
     print(markdown(result))
 

@@ -1,4 +1,4 @@
-"""`ragserve` command line: ingest, query, demo, serve, collections, eval, tune, ui. Thin: parsing and printing only."""
+"""`ragserve` command line: ingest, query, demo, serve, collections, eval, tune, ui, blend check. Thin: parsing and printing only."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["list", "rollback"],
                    help="rollback NAME: make the previous stored generation current again")
     c.add_argument("name", nargs="?", help="the collection (rollback)")
+    b = sub.add_parser("blend", help="CacheBlend quality gate: `blend check` measures blended vs full prefill "
+                                     "on a collection's chunks and stores the verdict the engine follows")
+    b.add_argument("action", choices=["check"])
+    b.add_argument("--collection", required=True)
+    b.add_argument("--model", help="smollm2 | qwen")
+    b.add_argument("--questions", help="text file, one question per line (default: generated from the chunks)")
+    b.add_argument("--num-prompts", type=int, default=8, help="sampled prompts (default 8)")
+    b.add_argument("--chunks-per-prompt", type=int, default=4, help="chunks per sampled prompt (default 4)")
+    b.add_argument("--ratios", help="candidate ratios, comma-separated (default 0.05,0.1,0.15,0.2,0.3,0.5)")
+    b.add_argument("--max-kl", type=float, help="pass: mean first-token KL at most this (default 0.2)")
+    b.add_argument("--min-agreement", type=float, help="pass: first-token agreement at least this (default 0.8)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true", help="print the verdict as JSON")
 
     u = sub.add_parser("ui", help="open the Streamlit quality-latency explorer (ui/app.py)")
     u.add_argument("--config", default=argparse.SUPPRESS, help="YAML config of the in-process controller")
@@ -197,6 +210,58 @@ def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None
     if steer:
         print(f"steering scores of {len(chunks)} chunks: {int(counters['scored_chunks'])} computed "
               f"({counters['score_s']:.1f} s), {int(counters['stored_chunks'])} found stored")
+
+
+def cmd_blend(args: argparse.Namespace) -> int:
+    from ragserve.engines.local import blend_gate
+    from ragserve.engines.local.engine import LocalEngine
+    from ragserve.errors import BadInput
+    from ragserve.retrieval.store import Collection
+
+    chunks = list(Collection.open(args.collection).iter_chunks())
+    questions: list[str] = []
+    if args.questions:
+        try:
+            questions = [line.strip() for line in Path(args.questions).read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise BadInput(f"--questions {args.questions!r}: {exc}") from None
+        if not questions:
+            raise BadInput(f"--questions {args.questions!r} holds no question (one per line)")
+    try:
+        ratios = ([float(x) for x in args.ratios.split(",") if x.strip()] if args.ratios
+                  else list(blend_gate.DEFAULT_RATIOS))
+    except ValueError:
+        raise BadInput(f"--ratios {args.ratios!r} must be comma-separated numbers, e.g. 0.1,0.15,0.3") from None
+    if not ratios or not all(0.0 <= r <= 1.0 for r in ratios):
+        raise BadInput(f"--ratios {args.ratios!r}: give ratios in [0, 1]")
+    defaults = blend_gate.GateThresholds()
+    thresholds = blend_gate.GateThresholds(
+        max_kl=args.max_kl if args.max_kl is not None else defaults.max_kl,
+        min_first_token_agreement=args.min_agreement if args.min_agreement is not None
+        else defaults.min_first_token_agreement)
+    config = _config(args)
+    engine = LocalEngine(config.engine, blend=replace(config.blend, enabled=True))
+    try:
+        if engine.blender is None:
+            raise BadInput(f"model {config.engine.model!r} cannot blend (see the warning above)")
+        verdict = blend_gate.check(engine.blender, engine.tokenizer, args.collection, chunks, engine.blend_config,
+                                   questions, ratios, thresholds, args.num_prompts, args.chunks_per_prompt,
+                                   args.seed)
+        path = blend_gate.save_verdict(engine.blender.store, verdict)
+    finally:
+        asyncio.run(engine.close())
+    if args.json:
+        print(json.dumps(verdict.to_dict(), indent=1))
+        return 0
+    for pt in verdict.points:
+        print(f"ratio {pt.ratio:.2f}: first-token KL {pt.kl:.4f}, agreement {pt.first_token_agreement:.2f}"
+              f" -> {'pass' if pt.passed else 'fail'}")
+    if verdict.ratio is None:
+        print(f"verdict: blending REFUSED for {verdict.model_id} on {args.collection!r}: {blend_gate.describe(verdict)}")
+    else:
+        print(f"verdict: blend {args.collection!r} at ratio {verdict.ratio} ({verdict.num_prompts} prompts)")
+    print(f"stored in {path}")
+    return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -449,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handlers = {"ingest": cmd_ingest, "query": cmd_query, "demo": cmd_demo, "serve": cmd_serve,
-                "eval": cmd_eval, "tune": cmd_tune, "ui": cmd_ui, "collections": cmd_collections}
+                "eval": cmd_eval, "tune": cmd_tune, "ui": cmd_ui, "collections": cmd_collections,
+                "blend": cmd_blend}
     try:
         return handlers[args.command](args)
     except RagServeError as exc:

@@ -253,6 +253,14 @@ class BlendConfig:
     min(1, 2r) at the first check layer to r at the last (the paper's gradual filtering)."""
     deviation: str = "key"
     """What the check layer compares, reused vs fresh: "key" (LMCache) or "value"."""
+    sink_tokens: int = 0
+    """Always recompute each chunk's first this-many tokens (EPIC, arXiv 2410.15332: an
+    independently encoded chunk's opening tokens act as a misleading attention sink)."""
+    boundary_tokens: int = 0
+    """Always recompute each chunk's last this-many tokens (where it meets the next one)."""
+    deviation_mass: float = 0.0
+    """In (0, 1]: a per-prompt ratio, at most `ratio`: recompute the fewest tokens whose key
+    deviation covers this share of the total. 0 recomputes exactly `ratio`."""
     min_tokens: int = 256
     """Prefill normally when a call's chunks hold fewer tokens than this."""
     ram_budget_mb: float = 1024.0
@@ -271,6 +279,11 @@ class BlendConfig:
         if self.mode == "single" and len(self.check_layers) > 1:
             raise ConfigError(f"blend.check_layers={list(self.check_layers)}: mode single takes one "
                               "layer; use mode gradual for several")
+        if self.sink_tokens < 0 or self.boundary_tokens < 0:
+            raise ConfigError(f"blend.sink_tokens={self.sink_tokens} and blend.boundary_tokens="
+                              f"{self.boundary_tokens} must be >= 0")
+        if not 0.0 <= self.deviation_mass <= 1.0:
+            raise ConfigError(f"blend.deviation_mass={self.deviation_mass} must be in [0, 1]")
         if self.min_tokens < 0 or self.ram_budget_mb < 0:
             raise ConfigError(f"blend.min_tokens={self.min_tokens} and blend.ram_budget_mb="
                               f"{self.ram_budget_mb} must be >= 0")

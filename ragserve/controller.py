@@ -92,12 +92,13 @@ class Planned:
 StreamEvent = Union[Planned, str, QueryResult]
 
 
-async def drive_program(engine: Engine, program: Program, stream_batch: int | None = None
-                        ) -> AsyncIterator[str | ProgramRun]:
+async def drive_program(engine: Engine, program: Program, stream_batch: int | None = None,
+                        collection: str = "") -> AsyncIterator[str | ProgramRun]:
     """Drive a synthesis program: each yielded batch is one engine submission.
 
     Yields the text pieces of batch number `stream_batch` as they decode (when that batch is
-    a single call and the engine can stream), then the `ProgramRun`.
+    a single call and the engine can stream), then the `ProgramRun`. `collection` is stamped
+    on every call (engines may apply per-collection settings).
     """
     t0 = time.perf_counter()
     results: list[LLMResult] = []
@@ -107,6 +108,8 @@ async def drive_program(engine: Engine, program: Program, stream_batch: int | No
         calls = next(program)
         index = 0
         while True:
+            if collection:
+                calls = [replace(c, collection=collection) for c in calls]
             batch_start = time.perf_counter()
             if index == stream_batch and len(calls) == 1:
                 pieces, future = await engine.stream_result(calls[0])
@@ -216,11 +219,15 @@ class Controller:
             raise BadInput(f"no chunk of collection {collection!r} matches filters {filters!r}")
 
         decision = Decision(plan) if plan else await self.planner.decide(question, col, hits, slo_s)
+        details = dict(decision.details or {})
+        blend_policy = getattr(self.engine, "blend_policy", None)   # the embedded engine's CacheBlend gate
+        if blend_policy is not None and (policy := blend_policy(collection)) is not None:
+            details["blend"] = policy.to_dict()
         streamed: list[str] = []
         try:
             used = hits[: decision.plan.num_chunks]
             if stream:
-                yield Planned(decision.plan, tuple(used), decision.details or {})
+                yield Planned(decision.plan, tuple(used), details)
             if steer is None:
                 steer = self.config.steer.steers(collection)
             synthesis = self.config.synthesis
@@ -229,7 +236,7 @@ class Controller:
             program = build_program(question, [h.chunk for h in used], decision.plan, synthesis, steer)
             program_t = time.perf_counter()
             final = answer_batch(decision.plan, len(used)) if stream else None
-            async with aclosing(drive_program(self.engine, program, final)) as steps:
+            async with aclosing(drive_program(self.engine, program, final, collection)) as steps:
                 async for step in steps:
                     if isinstance(step, str):
                         streamed.append(step)
@@ -251,5 +258,5 @@ class Controller:
         yield QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
                           timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
                           output_tokens=sum(r.output_tokens for r in run.results),
-                          num_calls=len(run.results), decision=decision.details or {},
+                          num_calls=len(run.results), decision=details,
                           finish_reason=run.finish_reason)

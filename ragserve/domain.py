@@ -77,6 +77,9 @@ class LLMCall:
     # Chunks whose text appears verbatim in the last user message, in order: lets an
     # engine reuse their precomputed KV (CacheBlend). Ignored by engines that can't.
     chunk_ids: tuple[str, ...] = ()
+    # The collection the chunks come from: lets an engine apply per-collection settings
+    # (CacheBlend's gate verdict). "" = unknown.
+    collection: str = ""
     tag: str = ""                           # what the call is for ("map", "reduce", ...), for logs
     # LLMSteer: attend more to the chunks' query-independent key tokens. None = the engine's
     # default (steer.enabled); engines that can't steer ignore it.

@@ -137,3 +137,21 @@ def test_precompute_steer_scores_then_steered_query(cli_env, docs, tmp_path):
                  "--plan", "stuff:2", "--steer", "--json", env=cli_env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["answer"].strip()
+
+
+def test_blend_check_stores_a_verdict_the_blended_query_reports(cli_env, ingested, tmp_path):
+    config = tmp_path / "blend.yaml"
+    config.write_text("blend:\n  min_tokens: 0\n")
+    r = ragserve("--config", str(config), "blend", "check", "--collection", ingested, "--num-prompts", "2",
+                 "--chunks-per-prompt", "2", "--ratios", "0.5,1.0", "--max-kl", "1000", "--min-agreement", "0",
+                 "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    verdict = json.loads(r.stdout)
+    assert verdict["ratio"] == 0.5 and verdict["collection"] == ingested
+    assert list((Path(cli_env["RAGSERVE_DATA"]) / "kv").rglob(f"meta/gate.{ingested}.json"))
+    q = ragserve("--config", str(config), "query", "When did the oil crisis begin?", "--collection", ingested,
+                 "--plan", "stuff:2", "--blend", "--json", env=cli_env)
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout)["blend"] == {"blend": True, "ratio": 0.5, "source": "gate", "reason": ""}
+    bad = ragserve("blend", "check", "--collection", ingested, "--ratios", "2", env=cli_env)
+    assert bad.returncode == 2 and "--ratios" in bad.stderr

@@ -84,6 +84,9 @@ def stats_snapshot(state: ServerState) -> dict[str, Any]:
         out["engine"] = {"kv_capacity_tokens": s.kv_capacity_tokens, "kv_used_tokens": s.kv_used_tokens,
                          "kv_free_tokens": s.kv_free_tokens, "num_running": s.num_running,
                          "num_waiting": s.num_waiting}
+        blend_stats = getattr(rt.engine, "blend_stats", None)   # the embedded engine's CacheBlend
+        if blend_stats is not None:
+            out["blend"] = blend_stats()
         if rt.planner is not None:
             p = rt.planner.stats()
             out["scheduler"] = {"num_waiting": p.num_waiting, "held_tokens": p.held_tokens,

@@ -31,13 +31,13 @@ from ragserve.domain import Chunk
 from ragserve.engines.local.blend_forward import BlendUnsupported, ForwardOut, LayerwiseModel, ReusedKV
 from ragserve.engines.local.kv_store import ChunkKV, KVSpec, KVStore, segment_key
 from ragserve.engines.local.runner import BatchKV
-from ragserve.engines.local.segments import Segment, SegmentedPrompt, segment_call
+from ragserve.engines.local.segments import CHUNK, Segment, SegmentedPrompt, segment_call
 from ragserve.synthesis import answer_call
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Blender", "BlendResult", "GatherStats", "BlendUnsupported", "as_batch", "kv_spec",
-           "precompute_chunks", "to_cache"]
+__all__ = ["Blender", "BlendResult", "GatherStats", "BlendUnsupported", "as_batch", "forced_tokens",
+           "kv_spec", "precompute_chunks", "to_cache"]
 
 
 @dataclass
@@ -158,7 +158,9 @@ class Blender:
         if reused is None:
             reused, gather = self.gather(prompt)
         t0 = time.perf_counter()
-        out = self.lw.run(prompt.token_ids, reused, config.schedule(), deviation=config.deviation)
+        reused.forced = forced_tokens(prompt, config.sink_tokens, config.boundary_tokens, self.lw.device)
+        out = self.lw.run(prompt.token_ids, reused, config.schedule(), deviation=config.deviation,
+                          deviation_mass=config.deviation_mass)
         result = self._result(prompt, out, reused.num_reused, gather)
         result.compute_s = time.perf_counter() - t0
         logger.debug("blended %d tokens (%d reused, %d recomputed, %.0f%% of a prefill's work) in %.3fs",
@@ -182,6 +184,20 @@ class Blender:
         return BlendResult(cache=to_cache(out.keys, out.values), logits=out.logits, num_tokens=T,
                            num_reused=num_reused, num_recomputed=last, num_active=out.num_active,
                            compute_fraction=out.token_layers / (T * L), gather=gather)
+
+
+def forced_tokens(prompt: SegmentedPrompt, num_first: int, num_last: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """[T] bool: each chunk's first `num_first` and last `num_last` tokens (always
+    recomputed), or None when both are 0."""
+    if num_first <= 0 and num_last <= 0:
+        return None
+    forced = torch.zeros(len(prompt), dtype=torch.bool, device=device)
+    for seg in prompt.segments:
+        if seg.kind == CHUNK:
+            forced[seg.start:min(seg.end, seg.start + num_first)] = True
+            forced[max(seg.start, seg.end - num_last):seg.end] = True
+    return forced
 
 
 def precompute_chunks(blender: Blender, tokenizer: Any, chunks: Sequence[Chunk],

@@ -53,13 +53,16 @@ class ReusedKV:
     keys: torch.Tensor     # [L, H_kv, T, D], post-RoPE; rows of fresh tokens are zeros
     values: torch.Tensor   # [L, H_kv, T, D]
     reused: torch.Tensor   # [T] bool: the row holds stored KV
+    # [T] bool: reused rows recomputed whatever their deviation (a chunk's first tokens,
+    # its boundaries); they count against the ratio's budget. None = none forced.
+    forced: torch.Tensor | None = None
 
     @property
     def num_reused(self) -> int:
         return int(self.reused.sum())
 
     def clone(self) -> "ReusedKV":
-        return ReusedKV(self.keys.clone(), self.values.clone(), self.reused)
+        return ReusedKV(self.keys.clone(), self.values.clone(), self.reused, self.forced)
 
 
 @dataclass
@@ -106,12 +109,14 @@ class LayerwiseModel:
     @torch.inference_mode()
     def run(self, input_ids: Sequence[int], reused: ReusedKV | None = None,
             schedule: Sequence[tuple[int, float]] = (), keep_pre_rope: bool = False,
-            logits: bool = True, deviation: str = "key") -> ForwardOut:
+            logits: bool = True, deviation: str = "key", deviation_mass: float = 0.0) -> ForwardOut:
         """Prefill `input_ids` at positions 0..T-1.
 
         `schedule` lists (check layer, ratio): at that layer keep the top `ceil(ratio *
         reused.num_reused)` reusable tokens by key deviation plus every fresh token. An empty
         schedule computes every token at every layer. `reused` is consumed (see ReusedKV).
+        `deviation_mass` > 0 makes the ratio a cap: keep only as many top tokens as cover
+        that share of the reusable tokens' total deviation (a per-prompt ratio).
         """
         T = len(input_ids)
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)   # [1, T]
@@ -139,7 +144,8 @@ class LayerwiseModel:
             if li in checks:
                 assert reused is not None
                 fresh, old = (k, reused.keys[li]) if deviation == "key" else (v, reused.values[li])
-                keep = self._select(fresh, old, reused.reused, active, checks[li], num_reused)
+                keep = self._select(fresh, old, reused.reused, active, checks[li], num_reused,
+                                    reused.forced, deviation_mass)
                 if keep is not None:
                     active = keep if active is None else active[keep]
                     h, q, k, v = h[:, keep], q[:, :, keep], k[:, :, keep], v[:, :, keep]
@@ -173,21 +179,39 @@ class LayerwiseModel:
 
     @staticmethod
     def _select(k: torch.Tensor, old_keys: torch.Tensor, is_reused_all: torch.Tensor,
-                active: torch.Tensor | None, ratio: float, num_reused: int) -> torch.Tensor | None:
+                active: torch.Tensor | None, ratio: float, num_reused: int,
+                forced_all: torch.Tensor | None = None, mass: float = 0.0) -> torch.Tensor | None:
         """Indices into the active tokens to keep (sorted), or None to keep them all.
 
         k [1, H_kv, s, D] fresh and old_keys [H_kv, T, D] reused keys, both post-RoPE (or the
-        values: the deviation is the same sum of squares).
+        values: the deviation is the same sum of squares). Kept: every fresh token, the forced
+        reused ones, then the rest of the budget by deviation.
         """
         s = k.shape[2]
         idx = active if active is not None else torch.arange(s, device=k.device)
         is_reused = is_reused_all[idx]                                               # [s]
         num_reused_active = int(is_reused.sum())
         budget = min(num_reused_active, math.ceil(ratio * num_reused - 1e-9))
-        if budget >= num_reused_active:
+        forced = (forced_all[idx] & is_reused) if forced_all is not None else None   # [s]
+        num_forced = int(forced.sum()) if forced is not None else 0
+        if budget >= num_reused_active and mass <= 0.0:
             return None
         old = old_keys[:, idx].unsqueeze(0)                                          # [1, H_kv, s, D]
         dev = (k.float() - old.float()).pow(2).sum(dim=(0, 1, 3))                     # [s]
+        if mass > 0.0:   # the fewest unforced tokens covering `mass` of their deviation, up to the cap
+            free = dev.masked_fill(~is_reused, 0.0)
+            if forced is not None:
+                free = free.masked_fill(forced, 0.0)
+            ranked = free.sort(descending=True).values
+            total = float(ranked.sum())
+            if total > 0.0:
+                covered = int((ranked.cumsum(0) < mass * total).sum()) + 1
+                budget = min(budget, num_forced + covered)
+        budget = max(budget, num_forced)
+        if budget >= num_reused_active:
+            return None
+        if forced is not None:
+            dev = dev.masked_fill(forced, torch.finfo(dev.dtype).max)                # before any unforced
         dev = dev.masked_fill(~is_reused, float("inf"))                              # fresh: always kept
         keep = torch.topk(dev, (s - num_reused_active) + budget).indices
         return keep.sort().values

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from ragserve.config import BlendConfig, EngineConfig, SteerConfig, data_dir, dtype_override, num_threads
@@ -23,6 +23,7 @@ from ragserve.errors import BadInput, EngineDead
 from ragserve.engines.speeds import SpeedTracker
 from ragserve.engines.local.blend import (Blender, BlendUnsupported, GatherStats, as_batch, kv_spec,
                                           precompute_chunks)
+from ragserve.engines.local.blend_gate import BlendGate, BlendPolicy
 from ragserve.engines.local.kv_store import KVStore, model_fingerprint
 from ragserve.engines.local.models import model_dir, quantized_dir
 from ragserve.engines.local.runner import BatchKV, ModelRunner
@@ -50,6 +51,7 @@ class _Request:
     finish: str = ""
     segments: SegmentedPrompt | None = None   # the chunk layout, when blended or steered
     blend: bool = False                       # CacheBlend: prefilled from stored chunk KV
+    blend_ratio: float | None = None          # the gate's ratio for the call's collection
     wants_steer: bool = False                 # LLMSteer asked for (call.steer or the config)
     steer: "SteerRow | None" = None           # LLMSteer: set at prefill when the call is steered
 
@@ -75,8 +77,9 @@ class LocalEngine:
         # -- CacheBlend -------------------------------------------------------------------
         self.blend_config = blend or BlendConfig()
         self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
-                               "prefill_token_equiv": 0.0, "fallbacks": 0}
+                               "prefill_token_equiv": 0.0, "fallbacks": 0, "refused_calls": 0}
         self.blender = self._make_blender() if self.blend_config.enabled else None
+        self.blend_gate = BlendGate(self._kv_store(), self.blend_config) if self.blender is not None else None
         # -- end CacheBlend ----------------------------------------------------------------
         self.model: ModelSpec = self.runner.spec
         self.tokenizer = self.runner.tokenizer
@@ -160,6 +163,12 @@ class LocalEngine:
             segments = self._segments(call, prompt)
             request.blend = (segments is not None and self.blender is not None
                              and segments.num_chunk_tokens >= self.blend_config.min_tokens)
+            if request.blend:
+                policy = self.blend_policy(call.collection)
+                assert policy is not None
+                request.blend, request.blend_ratio = policy.blend, policy.ratio
+                if not policy.blend:
+                    self.blend_counters["refused_calls"] += 1
             request.segments = segments if request.blend or steer else None
         limit = min(self.kv_capacity_tokens, self.config.max_context_tokens)
         if request.reserve > limit:
@@ -248,6 +257,15 @@ class LocalEngine:
                                   ram_budget_bytes=int(self.blend_config.ram_budget_mb * 2**20))
         return self._store
 
+    def blend_policy(self, collection: str) -> BlendPolicy | None:
+        """How calls over `collection` are blended (the gate's verdict); None: blending is off."""
+        return self.blend_gate.policy(collection) if self.blend_gate is not None else None
+
+    def blend_stats(self) -> dict[str, Any]:
+        """Counters and the per-collection policies resolved so far (HTTP stats)."""
+        return {"enabled": self.blender is not None, **self.blend_counters,
+                "policies": self.blend_gate.policies() if self.blend_gate is not None else {}}
+
     def _make_blender(self) -> Blender | None:
         try:
             return Blender(self.runner.model, self._kv_store())
@@ -306,15 +324,16 @@ class LocalEngine:
 
     def _prefill_blended(self, r: _Request) -> tuple[BatchKV, Any]:
         assert self.blender is not None and r.segments is not None
+        config = self.blend_config if r.blend_ratio is None else replace(self.blend_config, ratio=r.blend_ratio)
         try:
             if r.steer is not None:   # blend the context, then prefill the question steered
                 from ragserve.engines.local.steer import head_prompt
 
                 head = head_prompt(r.segments)
-                result = self.blender.blend(head, self.blend_config)
+                result = self.blender.blend(head, config)
                 self._count_blend(r, result)
                 return self.runner.extend(result.cache, r.prompt, len(head), r.steer)
-            result = self.blender.blend(r.segments, self.blend_config)
+            result = self.blender.blend(r.segments, config)
         except Exception:   # a bad store entry or model quirk must not fail the call
             logger.exception("blend failed; prefilling normally")
             self.blend_counters["fallbacks"] += 1

@@ -19,6 +19,8 @@ Tiers:
 An entry may carry small side tensors ("extras", e.g. LLMSteer's attention scores of the
 chunk) under a name: same key, file `<key>.<name>.safetensors`, sharing the RAM LRU; they are
 written at once (a few KB, computed once per chunk) and checked like entries.
+Small JSON records about the store's contents (the blend gate's per-collection verdicts)
+live under `<root>/<model_id>/meta/<name>.json`, beside the KV they describe.
 A disk entry carries metadata (model id, dtype, layout, shape, token-id hash, CRC32 of the
 tensor bytes) that is checked on every load. A truncated, corrupt or mismatching file is
 logged at WARNING, deleted and reported as a miss; the caller recomputes and re-stores.
@@ -51,6 +53,7 @@ LAYOUT = "pre_rope"
 FORMAT_VERSION = "1"
 _T = TypeVar("_T")
 _EXTRA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_META_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,29 @@ class KVStore:
         if not _EXTRA_NAME.fullmatch(name):
             raise ValueError(f"extra name {name!r} must match {_EXTRA_NAME.pattern}")
         return f"{key}.{name}"
+
+    def meta_path(self, name: str) -> Path:
+        if not _META_NAME.fullmatch(name):
+            raise ValueError(f"meta record name {name!r} must match {_META_NAME.pattern}")
+        return self.dir / "meta" / f"{name}.json"
+
+    def write_meta(self, name: str, record: dict) -> Path:
+        """Store a small JSON record `name` (atomically; it replaces an older one)."""
+        path = self.meta_path(name)
+        atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+        return path
+
+    def read_meta(self, name: str) -> dict | None:
+        """The JSON record `name`, or None when absent; an unreadable one is logged and ignored."""
+        path = self.meta_path(name)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("KV store: ignoring unreadable record %s (%s)", path, exc)
+            return None
+        return record if isinstance(record, dict) else None
 
     def contains(self, key: str) -> bool:
         with self._lock:
