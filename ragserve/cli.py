@@ -19,7 +19,9 @@ logger = logging.getLogger("ragserve")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragserve", description="RAG serving controller (METIS + CacheBlend).")
-    p.add_argument("--config", help="YAML config file (see ragserve/config.py for every field)")
+    p.add_argument("--config", help="YAML/TOML config file (see ragserve/config.py for every field)")
+    p.add_argument("--set", dest="set_top", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set metis.policy=sjf (repeatable; VALUE is YAML)")
     p.add_argument("-v", "--verbose", action="store_true", help="log decisions at INFO")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -55,8 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--collection", default="squad-demo")
 
     s = sub.add_parser("serve", help="run the HTTP API (FastAPI/uvicorn; default 127.0.0.1:8000)")
-    s.add_argument("--config", default=argparse.SUPPRESS,
-                   help="YAML/TOML config file (the server section: see ragserve/config.py)")
     s.add_argument("--host", help="listen address (default server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default server.port, 8000)")
     s.add_argument("--model", help="smollm2 | qwen")
@@ -82,7 +82,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="METIS golden-plan feedback every N queries, 0 = off (default metis.feedback_every, 30)")
 
     u = sub.add_parser("ui", help="open the Streamlit quality-latency explorer (ui/app.py)")
-    u.add_argument("--config", default=argparse.SUPPRESS, help="YAML config of the in-process controller")
     u.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=8501, help="listen port (default 8501)")
     u.add_argument("--server-url", help="ragserve server the explorer queries (default http://127.0.0.1:8000)")
@@ -95,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
                                   "(default: ragserve.eval.tuning.DEFAULT_TUNE_GRID)")
     t.add_argument("--holdout", type=int, default=0,
                    help="never tune on the questions `ragserve eval --num HOLDOUT` (same --seed) samples")
+    for command in (ing, q, d, s, e, u, t):   # the settings go before or after the command
+        command.add_argument("--config", default=argparse.SUPPRESS,
+                             help="YAML/TOML config file (see ragserve/config.py for every field)")
+        if command is not u:   # the explorer reads its config file itself
+            command.add_argument("--set", action="append", default=argparse.SUPPRESS, metavar="SECTION.KEY=VALUE",
+                                 help="override one config key, e.g. --set metis.policy=sjf (repeatable)")
     return p
 
 
@@ -113,8 +118,12 @@ def _eval_common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "set_top", [])) + list(getattr(args, "set", []))
+
+
 def _config(args: argparse.Namespace) -> Config:
-    config = Config.load(args.config)
+    config = Config.load(args.config, _overrides(args))
     if getattr(args, "model", None):
         config = replace(config, engine=replace(config.engine, model=args.model))
     if getattr(args, "chunk_tokens", None):
@@ -177,7 +186,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     from ragserve.retrieval.store import Collection
     from ragserve.runtime import build_runtime, parse_plan
 
-    validate_question(args.question)              # fail fast, before loading a model
+    config = _config(args)                        # fail fast, before loading a model
+    validate_question(args.question)
     plan = parse_plan(args.plan) if args.plan else None
     filters = _filters(args.filter)
     col = Collection.open(args.collection)
@@ -185,7 +195,6 @@ def cmd_query(args: argparse.Namespace) -> int:
         from ragserve.errors import BadInput
         raise BadInput(f"num_chunks {plan.num_chunks} is above the size of collection "
                        f"{args.collection!r} ({len(col)} chunks)")
-    config = _config(args)
     if args.blend:
         config = replace(config, blend=replace(config.blend, enabled=True))
 
@@ -331,6 +340,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise BadInput("the explorer needs streamlit and plotly: pip install -e '.[ui]'")
+    if _overrides(args):
+        raise BadInput("ragserve ui reads its settings from --config FILE only; put the --set keys in that file")
+    Config.load(args.config)   # a bad config fails here, not in the browser
     cmd = ui_command(args)
     os.execv(cmd[0], cmd)   # streamlit takes over the process (and its signals)
     return 0

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
+from ragserve.config import SynthesisConfig
 from ragserve.domain import Method, ModelSpec, RagPlan
 from ragserve.errors import BadInput, ConfigError
 
@@ -45,9 +46,9 @@ class CostConfig:
     overhead_tokens_per_chunk: int = 8
     """Passage header ("[n] title") and separator around each chunk or summary in a prompt;
     set 0 when the chunk token counts passed in already include it."""
-    answer_tokens: int = 64
+    answer_tokens: int = SynthesisConfig.answer_tokens
     """max_tokens of a call that writes an answer (stuff, map_rerank maps, reduce, last refine)."""
-    default_intermediate_tokens: int = 64
+    default_intermediate_tokens: int = SynthesisConfig.default_intermediate_tokens
     """Intermediate cap when a map_reduce/refine plan gives none."""
     prefill_tok_s: float = 2000.0
     """Prompt tokens per second (SmolLM2-class on CPU)."""

@@ -92,6 +92,7 @@ class MetisPlanner:
         # The LLM profiler's engine (profile and feedback-review calls only).
         self.profiler = profiler or (engine if learned is not None else llm_profiler_engine(config, engine))
         self.scheduler = Scheduler(SchedulerConfig(policy=Policy(mc.policy), max_waiting=mc.max_waiting,
+                                                   retry_after_s=config.server.retry_after_s,
                                                    hold_until_release=True), self.cost,
                                    kv_capacity_tokens=engine.stats().kv_capacity_tokens)
         self.learned = learned
