@@ -184,11 +184,12 @@ def _precompute_kv(config: Config, collection: str, steer: bool = False) -> None
 def cmd_query(args: argparse.Namespace) -> int:
     from ragserve.controller import validate_question
     from ragserve.retrieval.store import Collection
-    from ragserve.runtime import build_runtime, parse_plan
+    from ragserve.domain import RagPlan
+    from ragserve.runtime import build_runtime
 
     config = _config(args)                        # fail fast, before loading a model
     validate_question(args.question)
-    plan = parse_plan(args.plan) if args.plan else None
+    plan = RagPlan.parse(args.plan) if args.plan else None
     filters = _filters(args.filter)
     col = Collection.open(args.collection)
     if plan and plan.num_chunks > len(col):     # fail before loading a model
@@ -220,8 +221,10 @@ def _print_result(result) -> None:
           f"{result.output_tokens} output tokens)")
     print(f"  chunks: " + ", ".join(f"{c.chunk.id} ({c.score:.2f})" for c in result.chunks))
     print(f"  timings: retrieve {t.retrieve_s:.2f}s  queue {t.queue_s:.2f}s  ttft {t.ttft_s:.2f}s  total {t.total_s:.2f}s")
-    if "reason" in result.decision:
-        print(f"  decision: {result.decision['reason']}, kv_free_tokens={result.decision.get('kv_free_tokens')}")
+    d = result.decision
+    if d.reason is not None:
+        print(f"  decision: {d.reason}" + (f", kv_free_tokens={d.kv_free_tokens}" if d.kv_free_tokens is not None else "")
+              + (f"; profile {d.profile}" if d.profile is not None else ""))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

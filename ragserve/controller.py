@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
-from ragserve.domain import LLMResult, Method, QueryResult, RagPlan, RetrievedChunk, Timings
+from ragserve.domain import LLMResult, Method, PlanDecision, QueryResult, RagPlan, RetrievedChunk, Timings
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
@@ -32,13 +32,17 @@ MAX_QUERY_CHARS = 4000
 
 @dataclass(frozen=True)
 class Decision:
-    """The plan a query runs with and why; `details` is reported as-is (profile, pruned, ...)."""
+    """A planner's answer to `decide`: what it chose and why (reported with the answer), how
+    long choosing took, and its handle for `done`."""
 
-    plan: RagPlan
+    chosen: PlanDecision
     queue_s: float = 0.0            # time waiting for the scheduler to admit the query
     profile_s: float = 0.0
-    details: dict[str, Any] | None = None
     job_id: str = ""                # the planner's handle, released by `done`
+
+    @property
+    def plan(self) -> RagPlan:
+        return self.chosen.plan
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,10 @@ class Planned:
 
     plan: RagPlan
     chunks: tuple[RetrievedChunk, ...]   # the chunks the plan reads, best first
-    decision: dict[str, Any]             # profile/pruned/reason (METIS); {} for a given plan
+    decision: PlanDecision               # what was decided and why (just the plan when given)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.decision.to_dict(), "chunks": [c.to_dict() for c in self.chunks]}
 
 
 StreamEvent = Union[Planned, str, QueryResult]
@@ -206,12 +213,12 @@ class Controller:
         if not hits:
             raise BadInput(f"no chunk of collection {collection!r} matches filters {filters!r}")
 
-        decision = Decision(plan) if plan else await self.planner.decide(question, col, hits, slo_s)
+        decision = Decision(PlanDecision(plan)) if plan else await self.planner.decide(question, col, hits, slo_s)
         streamed: list[str] = []
         try:
             used = hits[: decision.plan.num_chunks]
             if stream:
-                yield Planned(decision.plan, tuple(used), decision.details or {})
+                yield Planned(decision.plan, tuple(used), decision.chosen)
             if steer is None:
                 steer = self.config.steer.steers(collection)
             program = build_program(question, [h.chunk for h in used], decision.plan, self.config.synthesis, steer)
@@ -239,4 +246,4 @@ class Controller:
         yield QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
                           timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
                           output_tokens=sum(r.output_tokens for r in run.results),
-                          num_calls=len(run.results), decision=decision.details or {})
+                          num_calls=len(run.results), decision=decision.chosen)

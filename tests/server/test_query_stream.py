@@ -8,8 +8,8 @@ from contextlib import aclosing
 import pytest
 
 from ragserve.config import Config
-from ragserve.controller import Controller, Decision, Planned, answer_batch
-from ragserve.domain import Chunk, LLMCall, LLMResult, Method, QueryResult, RagPlan, RetrievedChunk
+from ragserve.controller import Controller, Decision, Planned, PlannerStats, answer_batch
+from ragserve.domain import Chunk, LLMCall, LLMResult, Method, PlanDecision, QueryResult, RagPlan, RetrievedChunk
 from ragserve.synthesis import build_program
 
 PLANS = [RagPlan(Method.STUFF, 3), RagPlan(Method.MAP_RERANK, 3), RagPlan(Method.MAP_REDUCE, 3, 16),
@@ -70,7 +70,10 @@ class FakePlanner:
         self.done_calls = 0
 
     async def decide(self, question, collection, hits, slo_s=None):
-        return Decision(self.plan, details={"reason": "fit", "profile": {"confidence": 0.9}}, job_id="j1")
+        return Decision(PlanDecision(self.plan, reason="fit"), job_id="j1")
+
+    def stats(self):
+        return PlannerStats()
 
     def done(self, decision):
         self.done_calls += 1
@@ -140,7 +143,7 @@ def test_leaving_early_cancels_the_call_and_releases_the_plan():
             return planned, piece
 
     planned, piece = asyncio.run(first_piece())
-    assert planned.decision["reason"] == "fit" and piece == "answer"
+    assert planned.decision.reason == "fit" and piece == "answer"
     assert engine.futures[0].cancelled()
     assert planner.done_calls == 1
 
