@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
-from ragserve.domain import LLMResult, Method, PlanDecision, QueryResult, RagPlan, RetrievedChunk, Timings
+from ragserve.domain import LLMResult, PlanDecision, QueryResult, RagPlan, RetrievedChunk, Timings
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
-from ragserve.synthesis import Program, build_program
+from ragserve.synthesis import Program, answer_batch, build_program
 
 logger = logging.getLogger(__name__)
 
@@ -144,19 +144,6 @@ async def run_program(engine: Engine, program: Program) -> ProgramRun:
             run = step
     assert isinstance(run, ProgramRun)
     return run
-
-
-def answer_batch(plan: RagPlan, num_chunks: int) -> int | None:
-    """Index of the batch of `plan`'s program that holds the answering call, when that call
-    is alone in its batch (see ragserve.synthesis); None for map_rerank, which picks its
-    answer among a fan-out."""
-    if plan.method is Method.STUFF:
-        return 0
-    if plan.method is Method.MAP_REDUCE:
-        return 1
-    if plan.method is Method.REFINE:
-        return num_chunks - 1
-    return None
 
 
 def validate_question(question: str) -> str:

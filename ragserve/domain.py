@@ -119,6 +119,26 @@ class RetrievedChunk:
 
 
 @dataclass(frozen=True)
+class Passage:
+    """One retrieved chunk as a prompt shows it (prompts.format_passage adds its rank)."""
+
+    chunk_id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """A call's last user message as structure: `head`, the passages in rank order, `tail`
+    (prompts.render_context renders it). Engines that reuse chunk KV lay the prompt out from
+    this instead of parsing the rendered text."""
+
+    head: str                        # before the first passage, e.g. "Context:\n"
+    passages: tuple[Passage, ...]
+    tail: str                        # after the passages and their separator, e.g. "Question: ..."
+
+
+@dataclass(frozen=True)
 class LLMCall:
     """One generation request. `messages` are chat turns; the engine applies its template."""
 
@@ -127,13 +147,18 @@ class LLMCall:
     temperature: float = 0.0                # 0 = greedy
     stop: tuple[str, ...] = ()
     logprobs: bool = False                  # return per-token log-probs (profiler confidence)
-    # Chunks whose text appears verbatim in the last user message, in order: lets an
-    # engine reuse their precomputed KV (CacheBlend). Ignored by engines that can't.
-    chunk_ids: tuple[str, ...] = ()
+    # The last user message as structure, when it holds passages: lets an engine reuse their
+    # precomputed KV (CacheBlend, LMCache). Ignored by engines that can't.
+    context: PromptContext | None = None
     tag: str = ""                           # what the call is for ("map", "reduce", ...), for logs
     # LLMSteer: attend more to the chunks' query-independent key tokens. None = the engine's
     # default (steer.enabled); engines that can't steer ignore it.
     steer: bool | None = None
+
+    @property
+    def chunk_ids(self) -> tuple[str, ...]:
+        """The chunks the call reads, in prompt order."""
+        return tuple(p.chunk_id for p in self.context.passages) if self.context else ()
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ scheduler compares the price with the engine's free KV. Pure arithmetic, no engi
 
 Per-call accounting (q = question tokens, o = template/instruction overhead per call,
 c_i = chunk i plus its passage header, A = answer cap, I = intermediate cap; mirrors
-`ragserve.synthesis`). An engine reserves prompt + max_tokens for every running call, so
-KV is counted the same way:
+`ragserve.synthesis`, whose `batch_shape` gives the calls and rounds). An engine reserves
+prompt + max_tokens for every running call, so KV is counted the same way:
 
     stuff       1 call   prompt q+o+sum(c)            out A   peak = prompt + A
     map_rerank  n calls  prompt q+o+c_i               out A   peak = sum over the fan-out
@@ -32,6 +32,7 @@ from typing import NamedTuple, Sequence
 from ragserve.config import SynthesisConfig
 from ragserve.domain import Method, ModelSpec, RagPlan
 from ragserve.errors import BadInput, ConfigError
+from ragserve.synthesis import batch_shape
 
 # Enum member lookups are slow on the class; the pricing loop compares against these.
 _STUFF, _MAP_RERANK, _MAP_REDUCE, _REFINE = (Method.STUFF, Method.MAP_RERANK, Method.MAP_REDUCE,
@@ -146,7 +147,7 @@ class CostModel:
         if method is _STUFF:
             prompt = base + total_chunks
             kv = max_call = prompt + ans
-            num_calls, num_rounds, output = 1, 1, ans
+            output = ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
             work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
             latency = work / prefill + ans / decode
@@ -154,7 +155,7 @@ class CostModel:
             prompt = n * base + total_chunks
             kv = prompt + n * ans                       # the fan-out is resident together
             max_call = base + largest + ans
-            num_calls, num_rounds, output = n, 1, n * ans
+            output = n * ans
             latency = prompt / prefill + ans / decode   # one batch: decode steps = max output
         elif method is _MAP_REDUCE:
             maps = n * base + total_chunks
@@ -162,7 +163,7 @@ class CostModel:
             kv = max(maps + n * inter, reduce_prompt + ans)
             max_call = max(base + largest + inter, reduce_prompt + ans)
             prompt = maps + reduce_prompt
-            num_calls, num_rounds, output = n + 1, 2, n * inter + ans
+            output = n * inter + ans
             latency = (maps / prefill + inter / decode) + (reduce_prompt / prefill + ans / decode)
         elif method is _REFINE:
             # each call sees the previous answer (capped at I); the last one writes the answer
@@ -170,12 +171,14 @@ class CostModel:
             prompts = [base + c + (inter if i else 0) for i, c in enumerate(chunks.counts[:n])]
             kv = max_call = max(p + o for p, o in zip(prompts, outs))
             prompt = sum(prompts)
-            num_calls, num_rounds, output = n, n, sum(outs)
+            output = sum(outs)
             latency = prompt / prefill + output / decode
         else:  # pragma: no cover - Method is closed
             raise AssertionError(method)
         if method is not _STUFF:
             work = prompt
+        shape = batch_shape(plan)   # the program's engine submissions (ragserve.synthesis owns them)
+        num_calls, num_rounds = sum(shape), len(shape)
         budget = math.ceil(round(kv * (1.0 + cfg.kv_buffer), 6))  # round: 100*1.02 != 102.0
         return PlanCost(prompt, output, kv, budget, budget * self.bytes_per_token, max_call,
                         num_calls, num_rounds, latency, work)

@@ -283,7 +283,7 @@ def chunk_prompt_tokens(engine: Any, collection: Any, hits: list[RetrievedChunk]
     for h in hits:
         title = h.chunk.title or ""
         if title not in headers:
-            headers[title] = engine.count_tokens(prompts.format_passage(1, title, "") + "\n\n")
+            headers[title] = engine.count_tokens(prompts.format_passage(1, title, "") + prompts.PASSAGE_SEPARATOR)
         text = h.chunk.num_tokens if same_tokenizer else engine.count_tokens(h.chunk.text)
         out.append(text + max(0, headers[title] - header_allowance))
     return out

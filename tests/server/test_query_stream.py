@@ -8,7 +8,8 @@ from contextlib import aclosing
 import pytest
 
 from ragserve.config import Config
-from ragserve.controller import Controller, Decision, Planned, PlannerStats, answer_batch
+from ragserve.controller import Controller, Decision, Planned, PlannerStats
+from ragserve.synthesis import answer_batch, batch_shape
 from ragserve.domain import Chunk, LLMCall, LLMResult, Method, PlanDecision, QueryResult, RagPlan, RetrievedChunk
 from ragserve.synthesis import build_program
 
@@ -98,6 +99,7 @@ def test_answer_batch_is_the_programs_last_single_call(plan):
         assert index is None and len(batches) == 1 and len(batches[0]) == plan.num_chunks
     else:
         assert index == len(batches) - 1 and len(batches[-1]) == 1
+    assert [len(b) for b in batches] == list(batch_shape(plan))   # the cost model prices this shape
 
 
 async def collect(controller: Controller, plan: RagPlan | None):
