@@ -19,7 +19,9 @@ logger = logging.getLogger("ragserve")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragserve", description="RAG serving controller (METIS + CacheBlend).")
-    p.add_argument("--config", help="YAML config file (see ragserve/config.py for every field)")
+    p.add_argument("--config", help="YAML/TOML config file (see ragserve/config.py for every field)")
+    p.add_argument("--set", dest="set_top", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set metis.policy=sjf (repeatable; VALUE is YAML)")
     p.add_argument("-v", "--verbose", action="store_true", help="log decisions at INFO")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -56,8 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--collection", default="squad-demo")
 
     s = sub.add_parser("serve", help="run the HTTP API (FastAPI/uvicorn; default 127.0.0.1:8000)")
-    s.add_argument("--config", default=argparse.SUPPRESS,
-                   help="YAML/TOML config file (the server section: see ragserve/config.py)")
     s.add_argument("--host", help="listen address (default server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default server.port, 8000)")
     s.add_argument("--model", help="smollm2 | qwen")
@@ -111,7 +111,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the verdict as JSON")
 
     u = sub.add_parser("ui", help="open the Streamlit quality-latency explorer (ui/app.py)")
-    u.add_argument("--config", default=argparse.SUPPRESS, help="YAML config of the in-process controller")
     u.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=8501, help="listen port (default 8501)")
     u.add_argument("--server-url", help="ragserve server the explorer queries (default http://127.0.0.1:8000)")
@@ -135,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the sweep's (query, plan) cells on Ray workers, each with its own engine: auto or "
                         "HOST:PORT = a running cluster, local = a private one on 127.0.0.1 (pip install -e '.[scale]')")
     t.add_argument("--ray-workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
+    for command in (ing, q, d, s, c, b, e, u, t):   # the settings go before or after the command
+        command.add_argument("--config", default=argparse.SUPPRESS,
+                             help="YAML/TOML config file (see ragserve/config.py for every field)")
+        if command is not u:   # the explorer reads its config file itself
+            command.add_argument("--set", action="append", default=argparse.SUPPRESS, metavar="SECTION.KEY=VALUE",
+                                 help="override one config key, e.g. --set metis.policy=sjf (repeatable)")
     return p
 
 
@@ -153,8 +158,12 @@ def _eval_common(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "set_top", [])) + list(getattr(args, "set", []))
+
+
 def _config(args: argparse.Namespace) -> Config:
-    config = Config.load(args.config)
+    config = Config.load(args.config, _overrides(args))
     if getattr(args, "model", None):
         config = replace(config, engine=replace(config.engine, model=args.model))
     if getattr(args, "chunk_tokens", None):
@@ -266,13 +275,14 @@ def cmd_blend(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from ragserve.controller import validate_question
+    from ragserve.domain import RagPlan
     from ragserve.retrieval.base import open_store
-    from ragserve.runtime import build_runtime, parse_plan
+    from ragserve.runtime import build_runtime
 
-    validate_question(args.question)              # fail fast, before loading a model
-    plan = parse_plan(args.plan) if args.plan else None
+    config = _config(args)                        # fail fast, before loading a model
+    validate_question(args.question)
+    plan = RagPlan.parse(args.plan) if args.plan else None
     filters = _filters(args.filter)
-    config = _config(args)
     col = open_store(config.retrieval).open(args.collection)
     if plan and plan.num_chunks > len(col):     # fail before loading a model
         from ragserve.errors import BadInput
@@ -303,8 +313,10 @@ def _print_result(result) -> None:
           f"{result.output_tokens} output tokens)")
     print(f"  chunks: " + ", ".join(f"{c.chunk.id} ({c.score:.2f})" for c in result.chunks))
     print(f"  timings: retrieve {t.retrieve_s:.2f}s  queue {t.queue_s:.2f}s  ttft {t.ttft_s:.2f}s  total {t.total_s:.2f}s")
-    if "reason" in result.decision:
-        print(f"  decision: {result.decision['reason']}, kv_free_tokens={result.decision.get('kv_free_tokens')}")
+    d = result.decision
+    if d.reason is not None:
+        print(f"  decision: {d.reason}" + (f", kv_free_tokens={d.kv_free_tokens}" if d.kv_free_tokens is not None else "")
+              + (f"; profile {d.profile}" if d.profile is not None else ""))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -370,7 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ragserve.errors import BadInput
     from ragserve.eval.runner import EvalSettings, rate_arg, run_eval
     from ragserve.eval.systems import parse_grid, parse_systems
-    from ragserve.runtime import parse_plan
+    from ragserve.domain import RagPlan
 
     if not args.out:
         raise BadInput("--out is required, e.g. --out eval/results/squad-qwen")
@@ -385,7 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             progress=not args.no_progress, command=_command_line(args), grid=grid,
                             resume=not args.no_resume, quality=tuple(args.quality),
                             question_ids=_sweep_ids(args.questions_from), rate_factor=args.rate_factor,
-                            calibration_plan=parse_plan(args.calibration_plan))
+                            calibration_plan=RagPlan.parse(args.calibration_plan))
     report = run_eval(settings, _eval_config(args))
     print(Path(args.out, "report.md").read_text())
     return 0 if report["systems"] else 1
@@ -498,6 +510,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("streamlit") is None:
         raise BadInput("the explorer needs streamlit and plotly: pip install -e '.[ui]'")
+    if _overrides(args):
+        raise BadInput("ragserve ui reads its settings from --config FILE only; put the --set keys in that file")
+    Config.load(args.config)   # a bad config fails here, not in the browser
     cmd = ui_command(args)
     os.execv(cmd[0], cmd)   # streamlit takes over the process (and its signals)
     return 0

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ragserve.errors import ConfigError
 from ragserve.prompts import ANSWER_SYSTEMS
@@ -108,6 +108,9 @@ class MilvusConfig:
         return self.uri or str(data_dir() / "milvus.db")
 
 
+BACKENDS = ("local", "vllm")   # engine.backend: the embedded engine, or vLLM servers (runtime.build_runtime)
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     chunk_tokens: int = 256
@@ -123,6 +126,12 @@ class RetrievalConfig:
     """The Milvus store's settings (read when store is milvus)."""
 
     def __post_init__(self) -> None:
+        if self.chunk_tokens < 1 or self.embed_batch_size < 1:
+            raise ConfigError(f"retrieval.chunk_tokens={self.chunk_tokens} and retrieval.embed_batch_size="
+                              f"{self.embed_batch_size} must be >= 1")
+        if not 0 <= self.chunk_overlap_tokens < self.chunk_tokens:
+            raise ConfigError(f"retrieval.chunk_overlap_tokens={self.chunk_overlap_tokens} must be in "
+                              f"[0, chunk_tokens={self.chunk_tokens})")
         if self.store not in STORES:
             raise ConfigError(f"retrieval.store={self.store!r} must be one of: {', '.join(STORES)}")
         if isinstance(self.milvus, dict):   # from a config file
@@ -159,6 +168,13 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"engine.quantization={self.quantization!r} must be one of: "
                               f"{', '.join(QUANTIZATIONS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"engine.backend={self.backend!r} unknown; use one of: {', '.join(BACKENDS)}")
+        if not self.kv_budget_mb > 0:
+            raise ConfigError(f"engine.kv_budget_mb={self.kv_budget_mb} must be > 0")
+        if self.max_batch_size < 1 or self.max_context_tokens < 1:
+            raise ConfigError(f"engine.max_batch_size={self.max_batch_size} and engine.max_context_tokens="
+                              f"{self.max_context_tokens} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,10 @@ class SynthesisConfig:
     (query-focused summaries; pair it with answer_stop: [] and a larger answer_tokens)."""
 
     def __post_init__(self) -> None:
+        if self.answer_tokens < 1 or self.default_intermediate_tokens < 1:
+            raise ConfigError(f"synthesis.answer_tokens={self.answer_tokens} and synthesis.default_intermediate_tokens="
+                              f"{self.default_intermediate_tokens} must be >= 1")
+        object.__setattr__(self, "answer_stop", tuple(self.answer_stop))
         if self.answer_style not in ANSWER_SYSTEMS:
             raise ConfigError(f"synthesis.answer_style={self.answer_style!r} must be one of: {', '.join(ANSWER_SYSTEMS)}")
 
@@ -193,7 +213,8 @@ class MetisConfig:
     feedback_every: int = 30
     """Run the golden plan and ask the profiler for feedback every N queries; 0 = off."""
     max_waiting: int = 256
-    """Queries waiting for KV beyond this are rejected (HTTP 503 + Retry-After)."""
+    """Queries waiting for KV beyond this are rejected (HTTP 503 + server.retry_after_s); 0 =
+    unlimited. Behind the HTTP server, server.max_queue (queries in flight) binds first."""
     learned_profiler: str | None = None
     """Path of a learned profiler (ragserve tune train-profiler); None = the LLM profiler."""
     descriptions: dict[str, str] = field(default_factory=dict)
@@ -201,6 +222,23 @@ class MetisConfig:
     profiler_endpoint: VllmEndpoint | None = None
     """Run the LLM profiler on this OpenAI-compatible endpoint ({base_url, model[, api_key]}, e.g.
     a larger model on vLLM) instead of the serving engine. None = the serving engine."""
+
+    def __post_init__(self) -> None:
+        # The scheduler and the rules own these values; they are imported here, where they are
+        # checked, so that the settings module stays a leaf for everything else.
+        from ragserve.metis.rules import PlannerRules
+        from ragserve.metis.scheduler import Policy
+
+        policies = [p.value for p in Policy]
+        if self.policy not in policies:
+            raise ConfigError(f"metis.policy={self.policy!r} unknown; use one of: {', '.join(policies)}")
+        if self.feedback_every < 0 or self.max_waiting < 0:
+            raise ConfigError(f"metis.feedback_every={self.feedback_every} and metis.max_waiting="
+                              f"{self.max_waiting} must be >= 0")
+        if self.learned_profiler and not Path(self.learned_profiler).is_dir():
+            raise ConfigError(f"metis.learned_profiler={self.learned_profiler!r} is not a directory; train one "
+                              "with: ragserve tune train-profiler profiles/<model>/<dataset>")
+        PlannerRules.from_config(self)   # the rules file parses and agrees with this section
 
 
 PLANNERS = ("auto", "tuned", "metis")
@@ -484,6 +522,52 @@ def _endpoint(where: str, ep: Any) -> VllmEndpoint:
     return VllmEndpoint(**ep)
 
 
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(section: str, key: str, value: Any, annotation: str) -> None:
+    """A file's value has the field's type (YAML/TOML give ints, floats, bools, strings,
+    lists); the field's own checks then judge its range."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in options:
+            return
+        raise ConfigError(f"config key {section}.{key} must not be null")
+    for option in options:
+        if option in _SCALARS:
+            if isinstance(value, _SCALARS[option]) and not (isinstance(value, bool) and option != "bool"):
+                return
+        elif option.startswith("tuple["):
+            inner = option[len("tuple["):].split(",")[0].strip()
+            if isinstance(value, tuple) and (inner not in _SCALARS or all(
+                    isinstance(v, _SCALARS[inner]) and not isinstance(v, bool) for v in value)):
+                return
+        elif option.startswith("dict[") and isinstance(value, dict):
+            return
+        elif option not in ("None",) and not option.startswith(("tuple[", "dict[")):
+            return   # a dataclass field (endpoints), checked by its coercion
+    raise ConfigError(f"config key {section}.{key}={value!r} must be {annotation}")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`--set SECTION.KEY=VALUE` items as a config mapping; VALUE is read as YAML (512, true,
+    [a, b], null, or a string)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name or "." in name:
+            raise ConfigError(f"--set {item!r} is not SECTION.KEY=VALUE (e.g. --set metis.policy=sjf)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 def _coerce(section: str, key: str, value: Any) -> Any:
     """YAML gives lists and dicts; frozen settings hold tuples and dataclasses."""
     if section == "vllm" and key == "endpoints":
@@ -518,23 +602,33 @@ class Config:
             default = getattr(cls(), name)
             if not isinstance(value, dict):
                 raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
-            allowed = {f.name for f in fields(default)}
+            allowed = {f.name: f for f in fields(default)}
             for key in value:
                 if key not in allowed:
                     raise ConfigError(f"unknown config key {name}.{key}; known: {', '.join(sorted(allowed))}")
-            sections[name] = replace(default, **{k: _coerce(name, k, v) for k, v in value.items()})
+            values = {k: _coerce(name, k, v) for k, v in value.items()}
+            for key, v in values.items():
+                _check_type(name, key, v, str(allowed[key].type))
+            sections[name] = replace(default, **values)
         return cls(**sections)
 
     @classmethod
-    def load(cls, path: str | Path | None) -> "Config":
-        if path is None:
-            return cls()
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        raw = _parse_file(p)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+    def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> "Config":
+        """The settings of the file at `path` (None = defaults) with `--set` overrides on top,
+        every section validated before anything uses them."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {str(p)!r} does not exist")
+            raw = _parse_file(p)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+        for section, values in parse_overrides(overrides).items():
+            current = raw.get(section)
+            if current is not None and not isinstance(current, dict):
+                raise ConfigError(f"config section {section!r} must be a mapping, got {current!r}")
+            raw[section] = {**(current or {}), **values}
         return cls.from_dict(raw)
 
 

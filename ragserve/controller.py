@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Protocol, Union
 
 from ragserve.config import Config
-from ragserve.domain import LLMResult, Method, QueryResult, RagPlan, RetrievedChunk, Timings
+from ragserve.domain import LLMResult, PlanDecision, QueryResult, RagPlan, RetrievedChunk, Timings
 from ragserve.engines.base import Engine
 from ragserve.errors import BadInput
 from ragserve.retrieval.ingest import Retriever
-from ragserve.synthesis import Program, build_program, clean_answer
+from ragserve.synthesis import Program, answer_batch, build_program, clean_answer
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,17 @@ MAX_QUERY_CHARS = 4000
 
 @dataclass(frozen=True)
 class Decision:
-    """The plan a query runs with and why; `details` is reported as-is (profile, pruned, ...)."""
+    """A planner's answer to `decide`: what it chose and why (reported with the answer), how
+    long choosing took, and its handle for `done`."""
 
-    plan: RagPlan
+    chosen: PlanDecision
     queue_s: float = 0.0            # time waiting for the scheduler to admit the query
     profile_s: float = 0.0
-    details: dict[str, Any] | None = None
     job_id: str = ""                # the planner's handle, released by `done`
+
+    @property
+    def plan(self) -> RagPlan:
+        return self.chosen.plan
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,10 @@ class Planned:
 
     plan: RagPlan
     chunks: tuple[RetrievedChunk, ...]   # the chunks the plan reads, best first
-    decision: dict[str, Any]             # profile/pruned/reason (METIS); {} for a given plan
+    decision: PlanDecision               # what was decided and why (just the plan when given)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.decision.to_dict(), "chunks": [c.to_dict() for c in self.chunks]}
 
 
 StreamEvent = Union[Planned, str, QueryResult]
@@ -144,19 +151,6 @@ async def run_program(engine: Engine, program: Program) -> ProgramRun:
             run = step
     assert isinstance(run, ProgramRun)
     return run
-
-
-def answer_batch(plan: RagPlan, num_chunks: int) -> int | None:
-    """Index of the batch of `plan`'s program that holds the answering call, when that call
-    is alone in its batch (see ragserve.synthesis); None for map_rerank, which picks its
-    answer among a fan-out."""
-    if plan.method is Method.STUFF:
-        return 0
-    if plan.method is Method.MAP_REDUCE:
-        return 1
-    if plan.method is Method.REFINE:
-        return num_chunks - 1
-    return None
 
 
 def validate_question(question: str) -> str:
@@ -218,16 +212,15 @@ class Controller:
         if not hits:
             raise BadInput(f"no chunk of collection {collection!r} matches filters {filters!r}")
 
-        decision = Decision(plan) if plan else await self.planner.decide(question, col, hits, slo_s)
-        details = dict(decision.details or {})
+        decision = Decision(PlanDecision(plan)) if plan else await self.planner.decide(question, col, hits, slo_s)
         blend_policy = getattr(self.engine, "blend_policy", None)   # the embedded engine's CacheBlend gate
         if blend_policy is not None and (policy := blend_policy(collection)) is not None:
-            details["blend"] = policy.to_dict()
+            decision = replace(decision, chosen=replace(decision.chosen, blend=policy.to_dict()))
         streamed: list[str] = []
         try:
             used = hits[: decision.plan.num_chunks]
             if stream:
-                yield Planned(decision.plan, tuple(used), details)
+                yield Planned(decision.plan, tuple(used), decision.chosen)
             if steer is None:
                 steer = self.config.steer.steers(collection)
             synthesis = self.config.synthesis
@@ -258,5 +251,5 @@ class Controller:
         yield QueryResult(question=question, answer=run.answer, plan=decision.plan, chunks=tuple(used),
                           timings=timings, prompt_tokens=sum(r.prompt_tokens for r in run.results),
                           output_tokens=sum(r.output_tokens for r in run.results),
-                          num_calls=len(run.results), decision=details,
+                          num_calls=len(run.results), decision=decision.chosen,
                           finish_reason=run.finish_reason)

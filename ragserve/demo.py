@@ -59,6 +59,14 @@ def demo_model(requested: str | None) -> tuple[str, str]:
     return QUALITY_MODEL, "the quality model; --model smollm2 runs the fast test model"
 
 
+def decision_dict(decision: Any) -> dict[str, Any]:
+    """A `PlanDecision` as the JSON fields `explain` reads ({} for a plan given, not chosen)."""
+    details = decision.details()
+    if not details and decision.profile is None:
+        return {}
+    return {"profile": decision.profile.to_dict() if decision.profile is not None else None, **details}
+
+
 def explain(decision: dict[str, Any]) -> list[str]:
     """The planner's decision in words: the profile, the pruned plans, the pick and why."""
     if not decision:
@@ -78,7 +86,9 @@ def explain(decision: dict[str, Any]) -> list[str]:
     reason = decision.get("reason")
     why = {"fit": "the most expensive pruned plan that fits the free KV memory",
            "slo": "a cheaper pruned plan, to meet the latency target",
-           "fallback": "no pruned plan fits: the fallback method with fewer chunks"}.get(str(reason), str(reason))
+           "fallback": "no pruned plan fits: the fallback method with fewer chunks",
+           "quality": "the best predicted quality for its service time",
+           "load": "a cheaper plan than on an idle engine: the queue makes time dear"}.get(str(reason), str(reason))
     free = decision.get("kv_free_tokens")
     lines.append(f"chosen: {why}" + (f" ({free} KV tokens free)" if free is not None else ""))
     return lines
@@ -134,7 +144,7 @@ def run_demo(config: Config, collection: str, num: int, model: str | None = None
                 print(f"\nQ: {q['question']}\nA: {r.answer}\n   gold: {q['answers'][0]!r}  (F1 {f1:.2f})")
                 print(f"   plan: {r.plan}  ({r.num_calls} LLM calls, {r.prompt_tokens} prompt + "
                       f"{r.output_tokens} output tokens)")
-                for line in explain(r.decision):
+                for line in explain(decision_dict(r.decision)):
                     print(f"   {line}")
                 print(f"   time: retrieve {t.retrieve_s:.2f} s, profile {t.profile_s:.2f} s, queue "
                       f"{t.queue_s:.2f} s, first token {t.ttft_s:.2f} s, total {t.total_s:.2f} s")

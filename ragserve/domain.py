@@ -7,9 +7,12 @@ Engines report load as an `EngineStats` snapshot, which is all the scheduler see
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
+
+from ragserve.errors import BadInput
 
 
 class Method(str, Enum):
@@ -29,6 +32,10 @@ class Method(str, Enum):
             raise ValueError(f"unknown synthesis method {value!r}; choose one of: {names}") from None
 
 
+_DIGITS = re.compile(r"[0-9]+")
+MAX_INTERMEDIATE_TOKENS = 1024   # a summary or refined answer longer than this is an answer, not a step
+
+
 @dataclass(frozen=True, order=True)
 class RagPlan:
     """One per-query choice of how to answer (a METIS 'configuration')."""
@@ -45,6 +52,47 @@ class RagPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method.value, "num_chunks": self.num_chunks,
                 "intermediate_tokens": self.intermediate_tokens}
+
+    @classmethod
+    def parse(cls, text: str) -> "RagPlan":
+        """METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS], e.g. map_reduce:6:64 (`str(plan)` read back).
+        Numbers are ASCII digits: int() would also read "٣" as 3."""
+        parts = str(text).split(":")
+        if len(parts) not in (2, 3):
+            raise BadInput(f"plan {text!r} is not METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS] "
+                           "(e.g. stuff:4, map_reduce:6:64)")
+        try:
+            method = Method.parse(parts[0])
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        if not all(_DIGITS.fullmatch(p.strip()) for p in parts[1:]):
+            raise BadInput(f"plan {text!r}: NUM_CHUNKS and INTERMEDIATE_TOKENS must be integers (digits 0-9)")
+        numbers = [int(p) for p in parts[1:]]
+        return cls.checked(method, numbers[0], numbers[1] if len(numbers) == 2 else 0, str(text))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RagPlan":
+        """The inverse of `to_dict` (tuning profiles, result files)."""
+        if not isinstance(raw, dict) or "method" not in raw or "num_chunks" not in raw:
+            raise BadInput(f"plan {raw!r} needs method and num_chunks")
+        try:
+            method = Method.parse(str(raw["method"]))
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        values = [raw["num_chunks"], raw.get("intermediate_tokens") or 0]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise BadInput(f"plan {raw!r}: num_chunks and intermediate_tokens must be integers")
+        return cls.checked(method, values[0], values[1], repr(raw))
+
+    @classmethod
+    def checked(cls, method: Method, num_chunks: int, intermediate_tokens: int = 0, what: str = "") -> "RagPlan":
+        what = what or f"{method.value}:{num_chunks}:{intermediate_tokens}"
+        if num_chunks < 1:
+            raise BadInput(f"plan {what}: num_chunks must be >= 1, got {num_chunks}")
+        if not 0 <= intermediate_tokens <= MAX_INTERMEDIATE_TOKENS:
+            raise BadInput(f"plan {what}: intermediate_tokens must be in [0, {MAX_INTERMEDIATE_TOKENS}], "
+                           f"got {intermediate_tokens}")
+        return cls(method, num_chunks, intermediate_tokens)
 
 
 @dataclass(frozen=True)
@@ -64,6 +112,31 @@ class RetrievedChunk:
     chunk: Chunk
     score: float            # cosine similarity, higher is closer
 
+    def to_dict(self) -> dict[str, Any]:
+        c = self.chunk
+        return {"id": c.id, "doc_id": c.doc_id, "title": c.title, "score": round(self.score, 4),
+                "text": c.text, "metadata": c.metadata}
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved chunk as a prompt shows it (prompts.format_passage adds its rank)."""
+
+    chunk_id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """A call's last user message as structure: `head`, the passages in rank order, `tail`
+    (prompts.render_context renders it). Engines that reuse chunk KV lay the prompt out from
+    this instead of parsing the rendered text."""
+
+    head: str                        # before the first passage, e.g. "Context:\n"
+    passages: tuple[Passage, ...]
+    tail: str                        # after the passages and their separator, e.g. "Question: ..."
+
 
 @dataclass(frozen=True)
 class LLMCall:
@@ -74,9 +147,9 @@ class LLMCall:
     temperature: float = 0.0                # 0 = greedy
     stop: tuple[str, ...] = ()
     logprobs: bool = False                  # return per-token log-probs (profiler confidence)
-    # Chunks whose text appears verbatim in the last user message, in order: lets an
-    # engine reuse their precomputed KV (CacheBlend). Ignored by engines that can't.
-    chunk_ids: tuple[str, ...] = ()
+    # The last user message as structure, when it holds passages: lets an engine reuse their
+    # precomputed KV (CacheBlend, LMCache). Ignored by engines that can't.
+    context: PromptContext | None = None
     # The collection the chunks come from: lets an engine apply per-collection settings
     # (CacheBlend's gate verdict). "" = unknown.
     collection: str = ""
@@ -84,6 +157,11 @@ class LLMCall:
     # LLMSteer: attend more to the chunks' query-independent key tokens. None = the engine's
     # default (steer.enabled); engines that can't steer ignore it.
     steer: bool | None = None
+
+    @property
+    def chunk_ids(self) -> tuple[str, ...]:
+        """The chunks the call reads, in prompt order."""
+        return tuple(p.chunk_id for p in self.context.passages) if self.context else ()
 
 
 @dataclass(frozen=True)
@@ -205,6 +283,63 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class PlanDecision:
+    """What the planner decided for one query and why. `to_dict` is its one serializer: the
+    plan/profile/decision part of every response (CLI --json, HTTP, the stream's plan event).
+    A plan the caller fixed has only `plan`."""
+
+    plan: RagPlan
+    reason: str | None = None           # METIS: fit | slo | fallback; AdaptiveRAG*: max_quality | smallest
+    profile: Any = None                 # the metis.profile.QueryProfile planned from; None for a given plan
+    pruned: tuple[RagPlan, ...] = ()    # the candidates the rules offered
+    fallback: Method | None = None      # METIS: the method run with fewer chunks when no candidate fits
+    from_history: bool | None = None    # METIS: low confidence, the candidates are the recent union
+    kv_free_tokens: int | None = None   # METIS: free KV seen at admission
+    cost: Any = None                    # the chosen plan's metis.cost.PlanCost
+    planner: str | None = None          # who chose: metis | tuned | adaptive; None for a given plan
+    admission_s: float | None = None    # arrival -> admission by the planner's scheduler
+    # The tuned controller (metis/tuned.py): each candidate's predicted quality, the engine's
+    # work ahead of the query at admission, and the measured speed the plans were priced at.
+    predicted_quality: Mapping[str, float] | None = None
+    backlog_s: float | None = None
+    speeds: EngineSpeeds | None = None
+    blend: Mapping[str, Any] | None = None   # CacheBlend's gate for the collection (engine's blend_policy)
+
+    def details(self) -> dict[str, Any]:
+        """How the plan was chosen; empty for a given plan."""
+        out: dict[str, Any] = {}
+        if self.pruned:
+            out["pruned"] = [p.to_dict() for p in self.pruned]
+        if self.fallback is not None:
+            out["fallback"] = self.fallback.value
+        if self.from_history is not None:
+            out["from_history"] = self.from_history
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.kv_free_tokens is not None:
+            out["kv_free_tokens"] = self.kv_free_tokens
+        if self.cost is not None:
+            out["cost"] = self.cost.to_dict()
+        if self.planner is not None:
+            out["planner"] = self.planner
+        if self.admission_s is not None:
+            out["admission_s"] = round(self.admission_s, 4)
+        if self.predicted_quality is not None:
+            out["predicted_quality"] = {k: round(v, 4) for k, v in self.predicted_quality.items()}
+        if self.backlog_s is not None:
+            out["backlog_s"] = round(self.backlog_s, 3)
+        if self.speeds is not None:
+            out["speeds"] = self.speeds.to_dict()
+        if self.blend is not None:
+            out["blend"] = dict(self.blend)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict(), "profile": self.profile.to_dict() if self.profile is not None else None,
+                "decision": self.details()}
+
+
+@dataclass(frozen=True)
 class QueryResult:
     question: str
     answer: str
@@ -214,18 +349,17 @@ class QueryResult:
     prompt_tokens: int
     output_tokens: int
     num_calls: int
-    decision: dict[str, Any] = field(default_factory=dict)  # profile/pruned/reason (METIS)
+    decision: PlanDecision | None = None   # None = PlanDecision(plan): the plan was given
     finish_reason: str = "stop"   # "length": the answer stopped at its token cap
 
+    def __post_init__(self) -> None:
+        if self.decision is None:
+            object.__setattr__(self, "decision", PlanDecision(self.plan))
+
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "answer": self.answer,
-            "plan": self.plan.to_dict(),
-            "chunks": [{"id": c.chunk.id, "doc_id": c.chunk.doc_id, "score": round(c.score, 4)}
-                       for c in self.chunks],
-            "timings": self.timings.to_dict(),
-            "tokens": {"prompt": self.prompt_tokens, "output": self.output_tokens},
-            "num_calls": self.num_calls,
-        }
-        out.update(self.decision)
-        return out
+        """The one JSON shape of an answer: `ragserve query --json` prints it, the HTTP API
+        returns it (server.schemas.QueryResponse documents it)."""
+        return {"answer": self.answer, "finish_reason": self.finish_reason, **self.decision.to_dict(),
+                "chunks": [c.to_dict() for c in self.chunks], "timings": self.timings.to_dict(),
+                "tokens": {"prompt": self.prompt_tokens, "output": self.output_tokens},
+                "num_calls": self.num_calls}

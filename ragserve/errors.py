@@ -46,7 +46,7 @@ class NoFeasiblePlan(RagServeError):
 class AdmissionRejected(RagServeError):
     """The queue is full; retry after `retry_after_s`."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 

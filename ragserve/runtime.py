@@ -7,33 +7,11 @@ from typing import Any
 from ragserve.config import Config
 from ragserve.controller import Controller
 from ragserve.domain import Method, RagPlan
-from ragserve.errors import BadInput
 from ragserve.retrieval.base import open_store
 from ragserve.retrieval.embeddings import Embedder
 from ragserve.retrieval.ingest import Retriever
 
 DEFAULT_PLAN = RagPlan(Method.STUFF, 4)
-
-
-def parse_plan(text: str) -> RagPlan:
-    """METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS], e.g. map_reduce:6:64."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise BadInput(f"plan {text!r} is not METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS] (e.g. stuff:4, map_reduce:6:64)")
-    try:
-        method = Method.parse(parts[0])
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-    try:
-        numbers = [int(p) for p in parts[1:]]
-    except ValueError:
-        raise BadInput(f"plan {text!r}: NUM_CHUNKS and INTERMEDIATE_TOKENS must be integers") from None
-    if numbers[0] < 1:
-        raise BadInput(f"plan {text!r}: num_chunks must be >= 1, got {numbers[0]}")
-    inter = numbers[1] if len(numbers) == 2 else 0
-    if not 0 <= inter <= 1024:
-        raise BadInput(f"plan {text!r}: intermediate_tokens must be in [0, 1024], got {inter}")
-    return RagPlan(method, numbers[0], inter)
 
 
 @dataclass

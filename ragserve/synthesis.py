@@ -18,7 +18,7 @@ from typing import Generator, Sequence
 
 from ragserve import prompts
 from ragserve.config import SynthesisConfig
-from ragserve.domain import Chunk, LLMCall, LLMResult, Method, RagPlan
+from ragserve.domain import Chunk, LLMCall, LLMResult, Method, Passage, PromptContext, RagPlan
 
 Program = Generator[list[LLMCall], list[LLMResult], str]
 
@@ -33,38 +33,42 @@ class Candidate:
     confidence: float
 
 
-def _messages(system: str, user: str) -> tuple[tuple[str, str], ...]:
-    return (("system", system), ("user", user))
+def _context(head: str, chunks: Sequence[Chunk], tail: str) -> PromptContext:
+    return PromptContext(head, tuple(Passage(c.id, c.title, c.text) for c in chunks), tail)
 
 
-def _context(chunks: Sequence[Chunk]) -> str:
-    return "\n\n".join(prompts.format_passage(i + 1, c.title, c.text) for i, c in enumerate(chunks))
+def _call(system: str, context: PromptContext, max_tokens: int, **kwargs) -> LLMCall:
+    """The call's user message is rendered from `context`, which travels with it."""
+    return LLMCall((("system", system), ("user", prompts.render_context(context))), max_tokens,
+                   context=context, **kwargs)
 
 
 def answer_call(question: str, chunks: Sequence[Chunk], max_tokens: int, tag: str = "stuff",
                 stop: tuple[str, ...] = (), steer: bool | None = None, system: str = prompts.SYSTEM) -> LLMCall:
-    user = prompts.ANSWER.format(context=_context(chunks), question=question)
-    return LLMCall(_messages(system, user), max_tokens, stop=stop,
-                   chunk_ids=tuple(c.id for c in chunks), tag=tag, steer=steer)
+    head, tail = prompts.ANSWER
+    return _call(system, _context(head, chunks, tail.format(question=question)), max_tokens, stop=stop,
+                 tag=tag, steer=steer)
 
 
 def map_rerank_call(question: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = (),
                     steer: bool | None = None, system: str = prompts.SYSTEM) -> LLMCall:
-    user = prompts.MAP_RERANK.format(context=_context([chunk]), question=question)
-    return LLMCall(_messages(system, user), max_tokens, stop=stop, logprobs=True,
-                   chunk_ids=(chunk.id,), tag="map_rerank", steer=steer)
+    head, tail = prompts.MAP_RERANK
+    return _call(system, _context(head, [chunk], tail.format(question=question)), max_tokens, stop=stop,
+                 logprobs=True, tag="map_rerank", steer=steer)
 
 
 def map_summary_call(question: str, chunk: Chunk, max_tokens: int) -> LLMCall:
     words = max(5, int(max_tokens * _WORDS_PER_TOKEN))
-    user = prompts.MAP_SUMMARY.format(context=_context([chunk]), question=question, words=words)
-    return LLMCall(_messages(prompts.MAP_SYSTEM, user), max_tokens, chunk_ids=(chunk.id,), tag="map")
+    head, tail = prompts.MAP_SUMMARY
+    return _call(prompts.MAP_SYSTEM, _context(head, [chunk], tail.format(question=question, words=words)),
+                 max_tokens, tag="map")
 
 
 def refine_call(question: str, answer: str, chunk: Chunk, max_tokens: int, stop: tuple[str, ...] = (),
                 system: str = prompts.SYSTEM) -> LLMCall:
-    user = prompts.REFINE.format(question=question, answer=answer, context=_context([chunk]))
-    return LLMCall(_messages(system, user), max_tokens, stop=stop, chunk_ids=(chunk.id,), tag="refine")
+    head, tail = prompts.REFINE
+    return _call(system, _context(head.format(question=question, answer=answer), [chunk], tail), max_tokens,
+                 stop=stop, tag="refine")
 
 
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -73,7 +77,9 @@ _ARTICLES = {"a", "an", "the"}
 
 def _ngrams(n: int) -> set[tuple[str, ...]]:
     out: set[tuple[str, ...]] = set()
-    for text in prompts.INSTRUCTIONS:
+    for item in prompts.INSTRUCTIONS:
+        # a template is (head, tail) around the passages; its words are what an answer may echo
+        text = " ".join(item) if isinstance(item, tuple) else item
         words = _WORD_RE.findall(text.lower())
         out.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     return out
@@ -136,6 +142,28 @@ class _Answer:
     stop: tuple[str, ...]
     system: str
     steer: bool | None
+
+
+def batch_shape(plan: RagPlan) -> tuple[int, ...]:
+    """Calls per engine submission of `plan`'s program, in order (the programs below): what
+    runs together. The cost model prices rounds and calls from it."""
+    n = plan.num_chunks
+    if plan.method is Method.STUFF:
+        return (1,)
+    if plan.method is Method.MAP_RERANK:
+        return (n,)
+    if plan.method is Method.MAP_REDUCE:
+        return (n, 1)
+    return (1,) * n   # refine
+
+
+def answer_batch(plan: RagPlan, num_chunks: int) -> int | None:
+    """Index of the batch of `plan`'s program that holds the answering call, when that call
+    is alone in its batch (it can stream); None for map_rerank, which picks its answer among
+    a fan-out."""
+    if plan.method is Method.MAP_RERANK:   # even over one chunk: its answer may become "unknown"
+        return None
+    return len(batch_shape(RagPlan(plan.method, num_chunks, plan.intermediate_tokens))) - 1
 
 
 def build_program(question: str, chunks: Sequence[Chunk], plan: RagPlan, config: SynthesisConfig,

@@ -66,6 +66,10 @@ def test_query_json_in_a_new_process(cli_env, ingested):
     assert len(out["chunks"]) == 2 and out["chunks"][0]["doc_id"].endswith("oil.txt")
     assert set(out["timings"]) >= {"retrieve_s", "queue_s", "ttft_s", "total_s"}
     assert out["tokens"]["prompt"] > 0 and out["tokens"]["output"] > 0
+    from ragserve.server.schemas import QueryResponse
+
+    assert set(out) == set(QueryResponse.model_fields)   # the HTTP API's shape
+    assert out["profile"] is None and out["decision"] == {}
 
 
 BAD_QUERIES = [

@@ -74,24 +74,55 @@ def test_plans_shrink_under_load_and_nothing_is_dropped(small_squad, smollm2_eng
         # Queries arrive concurrently and their chunks differ in size, so best fit is checked per
         # query: the chosen plan fit, and one more chunk would not have (or 9 is the largest).
         too_big = {i: next_plan_cost(q, r.plan.num_chunks) for i, (q, r) in enumerate(zip(QUESTIONS, results))
-                   if r.decision["reason"] == "fit" and r.plan.num_chunks < 9}
+                   if r.decision.reason == "fit" and r.plan.num_chunks < 9}
     finally:
         asyncio.run(planner.close())
         asyncio.run(engine.close())
 
     assert len(results) == len(QUESTIONS) and all(r.answer.strip() for r in results)
-    decisions = sorted(results, key=lambda r: r.decision["kv_free_tokens"], reverse=True)
+    decisions = sorted(results, key=lambda r: r.decision.kv_free_tokens, reverse=True)
     sizes = [r.plan.num_chunks for r in decisions]
     # The first query sees an idle engine and takes the most expensive plan.
-    assert decisions[0].plan.num_chunks == 9 and decisions[0].decision["reason"] == "fit"
+    assert decisions[0].plan.num_chunks == 9 and decisions[0].decision.reason == "fit"
     # Under load, plans shrink: later decisions saw less free KV and got fewer chunks.
     assert min(sizes) < 9
     for i, cost in too_big.items():
-        assert cost > results[i].decision["kv_free_tokens"], (i, results[i].plan, results[i].decision)
+        assert cost > results[i].decision.kv_free_tokens, (i, results[i].plan, results[i].decision)
     # Some queries could not run at once and waited for KV instead of being dropped.
     assert max(left_waiting) >= 1
     assert max(r.timings.queue_s for r in results) > min(r.timings.queue_s for r in results)
     # Every decision fit the free KV it saw.
     for r in results:
-        assert r.decision["cost"]["kv_budget_tokens"] <= r.decision["kv_free_tokens"]
+        assert r.decision.cost.kv_budget_tokens <= r.decision.kv_free_tokens
     assert sum(planner.stats().plans.values()) == len(QUESTIONS)
+
+
+def test_golden_plan_feedback_runs_end_to_end_with_default_feedback_settings(small_squad, smollm2_engine, caplog):
+    """METIS' golden plan (map_reduce x 30 chunks x 300 tokens) prices above the context; the
+    loop runs the most expensive version that fits, then the LLM profiler reviews its answer."""
+    import logging
+
+    config = Config(engine=EngineConfig(max_context_tokens=2048), synthesis=SynthesisConfig(answer_tokens=8),
+                    metis=MetisConfig(feedback_every=1))
+    planner = MetisPlanner(smollm2_engine, config)   # the LLM profiler, on the serving engine
+    controller = Controller(smollm2_engine, Retriever(shared_embedder()), config, planner=planner)
+
+    async def run():
+        try:
+            result = await controller.query(QUESTIONS[0], small_squad)
+            while planner._background:   # the golden run, in the background
+                await asyncio.gather(*planner._background)
+            return result
+        finally:
+            await planner.close()
+
+    with caplog.at_level(logging.INFO, logger="ragserve.metis.planner"):
+        result = asyncio.run(run())
+    assert result.answer.strip()
+    ran = [r.getMessage() for r in caplog.records if r.getMessage().startswith("feedback: golden run of")]
+    assert len(ran) == 1 and "(fit)" in ran[0], [r.getMessage() for r in caplog.records]
+    plan = ran[0].split()[4]   # "feedback: golden run of map_reduce:N:300 (fit) ..."
+    method, chunks, inter = plan.split(":")
+    assert method == "map_reduce" and inter == "300" and 1 < int(chunks) < 30
+    assert any(r.getMessage().startswith(f"feedback: golden plan {plan} -> example") for r in caplog.records)
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)

@@ -67,12 +67,12 @@ def test_plans_shrink_as_the_queue_grows_and_grow_back_when_it_drains(small_squa
         asyncio.run(planner.close())
         asyncio.run(engine.close())
 
-    speeds = idle.decision["speeds"]
+    speeds = idle.decision.speeds.to_dict()
     assert speeds["num_prefills"] >= 4 and speeds["prefill_tok_s"] > 0
-    assert idle.decision["planner"] == "tuned"
-    assert idle.plan == RagPlan(Method.STUFF, 3) and idle.decision["reason"] == "quality"
+    assert idle.decision.planner == "tuned"
+    assert idle.plan == RagPlan(Method.STUFF, 3) and idle.decision.reason == "quality"
     assert queued > 0
-    assert busy.decision["backlog_s"] > 0
-    assert busy.plan == RagPlan(Method.STUFF, 1) and busy.decision["reason"] == "load"
-    assert drained.plan == RagPlan(Method.STUFF, 3) and drained.decision["reason"] == "quality"
-    assert idle.decision["predicted_quality"] == {"stuff:1": 0.4, "stuff:3": 0.5}
+    assert busy.decision.backlog_s > 0
+    assert busy.plan == RagPlan(Method.STUFF, 1) and busy.decision.reason == "load"
+    assert drained.plan == RagPlan(Method.STUFF, 3) and drained.decision.reason == "quality"
+    assert idle.decision.predicted_quality == {"stuff:1": 0.4, "stuff:3": 0.5}

@@ -238,11 +238,11 @@ class InProcessBackend:
 
         from ragserve.controller import Planned
         from ragserve.errors import RagServeError
-        from ragserve.runtime import parse_plan
+        from ragserve.domain import RagPlan
         from ragserve.server.schemas import planned_event, query_response
 
         try:
-            fixed = parse_plan(plan) if plan else None
+            fixed = RagPlan.parse(plan) if plan else None
             controller = self.controller(blend)
         except (RagServeError, OSError) as exc:   # a bad plan, or the blend variant failed to load
             raise BackendError(str(exc)) from None

@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ragserve.domain import RagPlan
+from ragserve.errors import BadInput
 from ragserve.eval.report import pareto_frontier
 
 FORMAT_VERSION = 1
@@ -296,7 +298,7 @@ def _load_sweep(path: Path, label: str, questions: QuestionLookup) -> ResultSet:
         where = f"line {line}"
         qid = str(_field(records_path, where, obj, "query_id", (str, int)))
         plan = _field(records_path, where, obj, "plan", dict)
-        plan_str = obj.get("plan_str") or _plan_str(plan)
+        plan_str = obj.get("plan_str") or _plan_str(records_path, where, plan)
         record = lookup.get(qid)
         question = str(obj.get("question") or (record or {}).get("question", ""))
         error = _field(records_path, where, obj, "error", str, optional=True)
@@ -331,9 +333,11 @@ def _oracle_rows(path: Path, rows: Sequence[ResultRow]) -> list[ResultRow]:
     return out
 
 
-def _plan_str(plan: Mapping[str, Any]) -> str:
-    inter = plan.get("intermediate_tokens") or 0
-    return f"{plan.get('method')}:{plan.get('num_chunks')}" + (f":{inter}" if inter else "")
+def _plan_str(path: Path, where: str, plan: Mapping[str, Any]) -> str:
+    try:
+        return str(RagPlan.from_dict(dict(plan)))
+    except BadInput as exc:
+        raise ResultFileError(path, f"{where}: {exc}") from None
 
 
 def _opt_float(value: Any) -> float | None:

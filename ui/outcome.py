@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ragserve.domain import RagPlan
+
 STAGES = ("retrieve", "profile", "queue", "prefill (TTFT)", "decode")
 
 REASONS = {
@@ -56,8 +58,8 @@ class QueryOutcome:
 
 
 def plan_str(plan: Mapping[str, Any]) -> str:
-    inter = plan.get("intermediate_tokens") or 0
-    return f"{plan.get('method')}:{plan.get('num_chunks')}" + (f":{inter}" if inter else "")
+    """METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS] of a response's plan object ("?" without one)."""
+    return str(RagPlan.from_dict(dict(plan))) if plan else "?"
 
 
 def plan_info(body: Mapping[str, Any]) -> PlanInfo:

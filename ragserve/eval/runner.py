@@ -84,20 +84,21 @@ def result_row(system: System, spec: DatasetSpec, question: dict[str, Any], arri
         metrics = {"f1": 0.0, "em": 0.0, "rouge_l": 0.0, "numeric": None, "quality": 0.0}
         return {**row, "plan": None, "answer": "", **metrics, "error": f"{type(error).__name__}: {error}"}
     t = result.timings
-    d = result.decision or {}
+    d = result.decision
+    profiled = d.profile is not None
     return {**row, "plan": str(result.plan), "method": result.plan.method.value,
             "num_chunks": result.plan.num_chunks, "intermediate_tokens": result.plan.intermediate_tokens,
             "answer": result.answer, **score(spec, result.answer, question["answers"]),
             "total_s": round(t.total_s, 4), "ttft_s": round(t.ttft_s, 4), "queue_s": round(t.queue_s, 4),
             "profile_s": round(t.profile_s, 4), "retrieve_s": round(t.retrieve_s, 4),
             "prompt_tokens": result.prompt_tokens, "output_tokens": result.output_tokens,
-            "num_calls": result.num_calls, "reason": d.get("reason"), "profile": d.get("profile"),
-            "from_history": d.get("from_history"), "kv_free_tokens": d.get("kv_free_tokens"),
+            "num_calls": result.num_calls, "reason": d.reason, "profile": d.profile.to_dict() if profiled else None,
+            "from_history": d.from_history, "kv_free_tokens": d.kv_free_tokens,
             # where the wait went (scheduler admission vs the engine's queue) and the planner's
             # own estimate of the plan's service time, against what it took
-            "admission_s": d.get("admission_s"),
-            "engine_queue_s": None if d.get("admission_s") is None else round(t.queue_s - d["admission_s"], 4),
-            "est_service_s": (d.get("cost") or {}).get("est_latency_s"),
+            "admission_s": d.admission_s,
+            "engine_queue_s": None if d.admission_s is None else round(t.queue_s - d.admission_s, 4),
+            "est_service_s": round(d.cost.est_latency_s, 4) if d.cost is not None else None,
             "service_s": round(max(0.0, t.total_s - t.queue_s - t.profile_s - t.retrieve_s), 4),
             "error": None}
 

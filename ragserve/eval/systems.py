@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from ragserve.config import Config
 from ragserve.controller import Decision, PlannerStats
-from ragserve.domain import Method, RagPlan, RetrievedChunk
+from ragserve.domain import Method, PlanDecision, RagPlan, RetrievedChunk
 from ragserve.errors import BadInput
 from ragserve.metis.llm_profiler import SEED_EXAMPLES, ProfilePromptBuilder, run_llm_profiler
 from ragserve.metis.planner import (MetisPlanner, PlannerSetup, llm_profiler_engine, profile_builder,
@@ -57,11 +57,9 @@ class System:
 
 def parse_grid(text: str | None) -> tuple[RagPlan, ...]:
     """Comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS]; None -> DEFAULT_FIXED_GRID."""
-    from ragserve.runtime import parse_plan
-
     if not text:
         return DEFAULT_FIXED_GRID
-    plans = tuple(dict.fromkeys(parse_plan(p.strip()) for p in text.split(",") if p.strip()))
+    plans = tuple(dict.fromkeys(RagPlan.parse(p.strip()) for p in text.split(",") if p.strip()))
     if not plans:
         raise BadInput(f"plan grid {text!r} is empty; e.g. stuff:2,map_rerank:4,map_reduce:6:64")
     return plans
@@ -70,8 +68,6 @@ def parse_grid(text: str | None) -> tuple[RagPlan, ...]:
 def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> list[System]:
     """`fixed,adaptive,metis[,metis+blend]`; `fixed` expands to the grid, `fixed:<plan>`
     names one plan."""
-    from ragserve.runtime import parse_plan
-
     out: list[System] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -79,7 +75,7 @@ def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> li
         if item == "fixed":
             out += [System(f"fixed:{p}", "fixed", p) for p in grid]
         elif item.startswith("fixed:"):
-            plan = parse_plan(item[len("fixed:"):])
+            plan = RagPlan.parse(item[len("fixed:"):])
             out.append(System(f"fixed:{plan}", "fixed", plan))
         elif item in KINDS:
             out.append(System(item, item))
@@ -149,6 +145,7 @@ class AdaptivePlanner:
         self.profiler = profiler or (engine if learned is not None else llm_profiler_engine(config, engine))
         self.max_call_tokens = min(self.cost.model.max_context, engine.stats().kv_capacity_tokens)
         self._builders: dict[str, ProfilePromptBuilder] = {}
+        self._tokenizer_verdicts: dict[tuple[str, str], bool] = {}
 
     async def decide(self, question: str, collection: Any, hits: list[RetrievedChunk],
                      slo_s: float | None = None) -> Decision:
@@ -160,7 +157,8 @@ class AdaptivePlanner:
         profile_s = time.perf_counter() - t0
         plans = prune(profile, self.rules, len(hits))
         counts, question_tokens = await prompt_token_counts(self.engine, collection, hits, question,
-                                                            self.cost.config.overhead_tokens_per_chunk)
+                                                            self.cost.config.overhead_tokens_per_chunk,
+                                                            self._tokenizer_verdicts)
         costs = self.cost.estimate_many(plans, counts, question_tokens)
         runnable = [(c.kv_budget_tokens, i) for i, c in enumerate(costs)
                     if c.max_call_tokens <= self.max_call_tokens and c.kv_tokens <= self.max_call_tokens]
@@ -170,9 +168,8 @@ class AdaptivePlanner:
         else:   # nothing runs whole: the smallest plan (the engine reports what does not fit)
             best = min(range(len(plans)), key=lambda i: costs[i].kv_budget_tokens)
             reason = "smallest"
-        details = {"profile": profile.to_dict(), "pruned": [p.to_dict() for p in plans],
-                   "reason": reason, "cost": costs[best].to_dict()}
-        return Decision(plans[best], profile_s=profile_s, details=details)
+        chosen = PlanDecision(plans[best], reason, profile, tuple(plans), cost=costs[best])
+        return Decision(chosen, profile_s=profile_s)
 
     def done(self, decision: Decision) -> None:
         """Nothing was reserved."""

@@ -50,10 +50,6 @@ DEFAULT_TUNE_GRID: tuple[RagPlan, ...] = (
 )
 
 
-def plan_from_dict(raw: dict[str, Any]) -> RagPlan:
-    return RagPlan(Method.parse(raw["method"]), int(raw["num_chunks"]), int(raw.get("intermediate_tokens", 0)))
-
-
 @dataclass(frozen=True)
 class TuneRecord:
     """The outcome of one plan on one query (one line of records.jsonl)."""
@@ -89,7 +85,7 @@ class TuneRecord:
     def from_dict(cls, raw: dict[str, Any]) -> "TuneRecord":
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in raw.items() if k in known}
-        values["plan"] = plan_from_dict(raw["plan"])
+        values["plan"] = RagPlan.from_dict(raw["plan"])
         return cls(**values)
 
 
@@ -181,7 +177,7 @@ class TuneMeta:
                            f"{FORMAT_VERSION}); re-run ragserve tune")
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in raw.items() if k in known}
-        values["grid"] = tuple(plan_from_dict(p) for p in raw["grid"])
+        values["grid"] = tuple(RagPlan.from_dict(p) for p in raw["grid"])
         values["query_ids"] = tuple(raw.get("query_ids", ()))
         return cls(**values)
 

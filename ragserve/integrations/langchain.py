@@ -168,10 +168,10 @@ class RagServeQuery(RunnableSerializable[QueryInput, dict[str, Any]]):
         return body
 
     async def _answer_local(self, body: dict[str, Any]) -> dict[str, Any]:
-        from ragserve.runtime import parse_plan
+        from ragserve.domain import RagPlan
         from ragserve.server.schemas import query_response
 
-        plan = parse_plan(body["plan"]) if isinstance(body.get("plan"), str) else None
+        plan = RagPlan.parse(body["plan"]) if isinstance(body.get("plan"), str) else None
         slo = body.get("slo_ms")
         result = await self.controller.query(body["query"], body["collection"], plan, body.get("filters"),
                                              slo / 1000 if slo else None)

@@ -6,8 +6,8 @@ scheduler compares the price with the engine's free KV. Pure arithmetic, no engi
 
 Per-call accounting (q = question tokens, o = template/instruction overhead per call,
 c_i = chunk i plus its passage header, A = answer cap, I = intermediate cap; mirrors
-`ragserve.synthesis`). An engine reserves prompt + max_tokens for every running call, so
-KV is counted the same way:
+`ragserve.synthesis`, whose `batch_shape` gives the calls and rounds). An engine reserves
+prompt + max_tokens for every running call, so KV is counted the same way:
 
     stuff       1 call   prompt q+o+sum(c)            out A   peak = prompt + A
     map_rerank  n calls  prompt q+o+c_i               out A   peak = sum over the fan-out
@@ -32,8 +32,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
+from ragserve.config import SynthesisConfig
 from ragserve.domain import EngineSpeeds, Method, ModelSpec, RagPlan
 from ragserve.errors import BadInput, ConfigError
+from ragserve.synthesis import batch_shape
 
 # Enum member lookups are slow on the class; the pricing loop compares against these.
 _STUFF, _MAP_RERANK, _MAP_REDUCE, _REFINE = (Method.STUFF, Method.MAP_RERANK, Method.MAP_REDUCE,
@@ -48,9 +50,9 @@ class CostConfig:
     overhead_tokens_per_chunk: int = 8
     """Passage header ("[n] title") and separator around each chunk or summary in a prompt;
     set 0 when the chunk token counts passed in already include it."""
-    answer_tokens: int = 64
+    answer_tokens: int = SynthesisConfig.answer_tokens
     """max_tokens of a call that writes an answer (stuff, map_rerank maps, reduce, last refine)."""
-    default_intermediate_tokens: int = 64
+    default_intermediate_tokens: int = SynthesisConfig.default_intermediate_tokens
     """Intermediate cap when a map_reduce/refine plan gives none."""
     prefill_tok_s: float = 2000.0
     """Prior prompt tokens per second, used until the engine has measured its own."""
@@ -160,7 +162,7 @@ class CostModel:
         if method is _STUFF:
             prompt = base + total_chunks
             kv = max_call = prompt + ans
-            num_calls, num_rounds, output = 1, 1, ans
+            output = ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
             work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
             latency = work / rate + sp.expected_output("stuff", ans) * sp.decode_step_s(rows + 1)
@@ -168,7 +170,7 @@ class CostModel:
             prompt = n * base + total_chunks
             kv = prompt + n * ans                       # the fan-out is resident together
             max_call = base + largest + ans
-            num_calls, num_rounds, output = n, 1, n * ans
+            output = n * ans
             # one batch: it decodes until its longest answer ends
             latency = prompt / rate + sp.expected_output("map_rerank", ans) * sp.decode_step_s(rows + n)
         elif method is _MAP_REDUCE:
@@ -177,7 +179,7 @@ class CostModel:
             kv = max(maps + n * inter, reduce_prompt + ans)
             max_call = max(base + largest + inter, reduce_prompt + ans)
             prompt = maps + reduce_prompt
-            num_calls, num_rounds, output = n + 1, 2, n * inter + ans
+            output = n * inter + ans
             summary = sp.expected_output("map", inter)
             reduce_work = reduce_prompt - n * (inter - summary)   # summaries at their expected length
             latency = (maps / rate + summary * sp.decode_step_s(rows + n)
@@ -188,7 +190,7 @@ class CostModel:
             prompts = [base + c + (inter if i else 0) for i, c in enumerate(chunks.counts[:n])]
             kv = max_call = max(p + o for p, o in zip(prompts, outs))
             prompt = sum(prompts)
-            num_calls, num_rounds, output = n, n, sum(outs)
+            output = sum(outs)
             step = sp.decode_step_s(rows + 1)
             mid = sp.expected_output("refine", inter)
             last = sp.expected_output("refine", ans)
@@ -197,6 +199,8 @@ class CostModel:
             raise AssertionError(method)
         if method is not _STUFF:
             work = prompt
+        shape = batch_shape(plan)   # the program's engine submissions (ragserve.synthesis owns them)
+        num_calls, num_rounds = sum(shape), len(shape)
         budget = math.ceil(round(kv * (1.0 + cfg.kv_buffer), 6))  # round: 100*1.02 != 102.0
         return PlanCost(prompt, output, kv, budget, budget * self.bytes_per_token, max_call,
                         num_calls, num_rounds, latency, work)

@@ -7,9 +7,9 @@ the golden plan in the background (through the scheduler, like any query), runs 
 review call on the profiler's engine, and hands the result back:
 
     if loop.record_query():                      # after each profiled query
-        plan = loop.golden_plan(max_chunks)      # map_reduce, 30 chunks, 300 tokens
+        plan = loop.golden_plan(max_chunks, fits)   # map_reduce:30:300, or the most chunks that fit
         answer = ...run plan...
-        call = loop.review_call(builder, query, answer, profile_used)
+        call = loop.review_call(builder, query, answer, profile_used, plan)
         loop.add_result(query, (await engine.generate([call]))[0])
     run_llm_profiler(engine, builder, q, examples=loop.examples)
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Callable
 
 from ragserve.domain import LLMCall, LLMResult, Method, RagPlan
 from ragserve.errors import ConfigError
@@ -43,15 +44,31 @@ class FeedbackLoop:
         self.num_queries += 1
         return self.num_queries % self.every_n == 0
 
-    def golden_plan(self, max_chunks: int) -> RagPlan:
-        """The golden plan, with no more chunks than the collection returned."""
-        return RagPlan(self.golden.method, max(1, min(self.golden.num_chunks, max_chunks)),
-                       self.golden.intermediate_tokens)
+    def golden_plan(self, max_chunks: int, fits: Callable[[RagPlan], bool] = lambda plan: True
+                    ) -> RagPlan | None:
+        """The most expensive plan that `fits` (the model's context and the engine's KV): the
+        golden plan with as many of its chunks as fit, at most `max_chunks` (what the collection
+        returned). None when not even one chunk fits. METIS' golden plan (30 chunks, 300-token
+        summaries) prices above an 8k context; a golden run that never fits never teaches."""
+        def plan(n: int) -> RagPlan:
+            return RagPlan(self.golden.method, n, self.golden.intermediate_tokens)
+
+        lo, hi = 1, max(1, min(self.golden.num_chunks, max_chunks))
+        if not fits(plan(lo)):
+            return None
+        while lo < hi:   # invariant: plan(lo) fits; cost grows with the chunks
+            mid = (lo + hi + 1) // 2
+            if fits(plan(mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return plan(lo)
 
     def review_call(self, builder: ProfilePromptBuilder, query: str, golden_answer: str,
-                    used: QueryProfile) -> LLMCall:
-        """Ask the profiler which profile it should have given, knowing the best answer."""
-        plan = self.golden
+                    used: QueryProfile, plan: RagPlan | None = None) -> LLMCall:
+        """Ask the profiler which profile it should have given, knowing the best answer
+        (`plan` is the golden plan that ran; default the configured one)."""
+        plan = plan or self.golden
         review = (
             f"{builder.user_turn(query)}\n\n"
             f"You profiled this question as {used.to_json()}.\n"

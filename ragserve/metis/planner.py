@@ -13,13 +13,12 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ragserve import prompts
 from ragserve.config import Config
 from ragserve.controller import Decision, PlannerStats, run_program
-from ragserve.domain import EngineStats, LLMCall, RetrievedChunk
+from ragserve.domain import EngineStats, LLMCall, PlanDecision, RagPlan, RetrievedChunk
 from ragserve.engines.base import Engine
 from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.metis.feedback import FeedbackLoop
@@ -92,6 +91,7 @@ class MetisPlanner:
         # The LLM profiler's engine (profile and feedback-review calls only).
         self.profiler = profiler or (engine if learned is not None else llm_profiler_engine(config, engine))
         self.scheduler = Scheduler(SchedulerConfig(policy=Policy(mc.policy), max_waiting=mc.max_waiting,
+                                                   retry_after_s=config.server.retry_after_s,
                                                    hold_until_release=True), self.cost,
                                    kv_capacity_tokens=engine.stats().kv_capacity_tokens)
         self.learned = learned
@@ -101,6 +101,7 @@ class MetisPlanner:
         self.feedback = FeedbackLoop(every_n=every or 10**9)
         self._planners: dict[str, PlanPruner] = {}
         self._builders: dict[str, ProfilePromptBuilder] = {}
+        self._tokenizer_verdicts: dict[tuple[str, str], bool] = {}
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
         self._pump_task: asyncio.Task | None = None
@@ -120,11 +121,10 @@ class MetisPlanner:
         decision = await self._admit(job)
         if self.feedback.record_query():
             self._spawn(self._golden_run(question, collection, hits, profile))
-        details = {"profile": profile.to_dict(), **space.to_dict(), "reason": decision.reason.value,
-                   "kv_free_tokens": decision.kv_free_tokens, "cost": decision.cost.to_dict(),
-                   "admission_s": round(decision.wait_s, 4)}
-        return Decision(decision.plan, queue_s=decision.wait_s, profile_s=profile_s, details=details,
-                        job_id=job.id)
+        chosen = PlanDecision(decision.plan, decision.reason.value, profile, space.plans, space.fallback,
+                              space.from_history, decision.kv_free_tokens, decision.cost, planner="metis",
+                              admission_s=decision.wait_s)
+        return Decision(chosen, queue_s=decision.wait_s, profile_s=profile_s, job_id=job.id)
 
     def done(self, decision: Decision) -> None:
         if decision.job_id:
@@ -144,7 +144,7 @@ class MetisPlanner:
     async def _token_counts(self, collection: Any, hits: list[RetrievedChunk], question: str
                             ) -> tuple[list[int], int]:
         return await prompt_token_counts(self.engine, collection, hits, question,
-                                         self.cost.config.overhead_tokens_per_chunk)
+                                         self.cost.config.overhead_tokens_per_chunk, self._tokenizer_verdicts)
 
     def retime(self) -> EngineStats:
         """Price the next job's candidates at the engine's measured speed and running batch
@@ -209,24 +209,43 @@ class MetisPlanner:
 
     async def _golden_run(self, question: str, collection: Any, hits: list[RetrievedChunk],
                           used: QueryProfile) -> None:
-        """Answer with the most expensive plan, then ask the profiler what it should have said."""
-        golden = self.feedback.golden_plan(len(hits))
-        counts, question_tokens = await self._token_counts(collection, hits, question)
-        job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(counts), question_tokens,
-                  arrival_s=time.monotonic())
+        """Answer with the most expensive plan that fits, then ask the profiler what it should
+        have said. Skipped (logged) when that plan does not fit the free KV right now: it is
+        admitted at once or not at all, so it never takes a fallback's KV from user queries."""
         try:
-            decision = await self._admit(job)
+            counts, question_tokens = await self._token_counts(collection, hits, question)
+            capacity = min(self.cost.model.max_context, self.scheduler.kv_capacity_tokens or self.cost.model.max_context)
+
+            def fits(plan: RagPlan) -> bool:
+                c = self.cost.estimate(plan, counts, question_tokens)
+                return c.max_call_tokens <= self.cost.model.max_context and c.kv_budget_tokens <= capacity
+
+            golden = self.feedback.golden_plan(len(hits), fits)
+            if golden is None:
+                logger.info("feedback: no golden plan fits (%s with one chunk is too large); skipped",
+                            self.feedback.golden.method.value)
+                return
+            need = self.cost.estimate(golden, counts, question_tokens).kv_budget_tokens
+            free = self.effective_stats().kv_free_tokens
+            if self.scheduler.num_waiting or need > free:
+                logger.info("feedback: golden plan %s skipped: needs %d KV tokens, %d free, %d queries waiting",
+                            golden, need, free, self.scheduler.num_waiting)
+                return
+            job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(counts), question_tokens,
+                      arrival_s=time.monotonic())
+            admitted = await self._admit(job)
             try:
-                if decision.reason.value != "fit":
-                    return   # memory-constrained: skip rather than learn from a cheaper answer
-                program = build_program(question, [h.chunk for h in hits], decision.plan, self.config.synthesis)
+                logger.info("feedback: golden run of %s (%s) for a query profiled %s", admitted.plan,
+                            admitted.reason.value, used)
+                program = build_program(question, [h.chunk for h in hits], admitted.plan, self.config.synthesis)
                 run = await run_program(self.engine, program)
             finally:
-                self.done(Decision(decision.plan, job_id=job.id))
-            call = self.feedback.review_call(self._builder(collection), question, run.answer, used)
+                self.done(Decision(PlanDecision(admitted.plan), job_id=job.id))
+            call = self.feedback.review_call(self._builder(collection), question, run.answer, used, admitted.plan)
             (result,) = await self.profiler.generate([call])
             example = self.feedback.add_result(question, result)
-            logger.info("feedback: golden plan %s -> example %s", golden, example.profile.to_json() if example else None)
+            logger.info("feedback: golden plan %s -> example %s", admitted.plan,
+                        example.profile.to_json() if example else None)
         except Exception:   # feedback is best effort; never fail user queries for it
             logger.exception("feedback golden run failed")
 
@@ -247,29 +266,53 @@ def blend_fraction(config: Config) -> float:
     return 1.0
 
 
-def chunk_prompt_tokens(engine: Any, collection: Any, hits: list[RetrievedChunk], header_allowance: int
-                        ) -> list[int]:
+TOKENIZER_PROBE_CHUNKS = 3   # chunks counted again to tell whether the engine tokenizes as the collection did
+
+
+def counts_match(engine: Any, hits: Sequence[RetrievedChunk]) -> bool:
+    """Does the engine count chunk texts as the collection's tokenizer did at ingest? Told by
+    the tokenizer's behaviour, not by names: the engine counts the first few hits again, and
+    the stored counts hold exactly when every one agrees. Different tokenizers disagree on a
+    passage of a few hundred tokens; the same tokenizer under another model name (vLLM's
+    --served-model-name, a hub id vs a local copy) agrees."""
+    sample = [h.chunk for h in hits[:TOKENIZER_PROBE_CHUNKS] if h.chunk.text]
+    return bool(sample) and all(engine.count_tokens(c.text) == c.num_tokens for c in sample)
+
+
+def chunk_prompt_tokens(engine: Any, collection: Any, hits: list[RetrievedChunk], header_allowance: int,
+                        *, same_tokenizer: bool | None = None) -> list[int]:
     """Each hit's prompt tokens beyond the cost model's per-chunk allowance: its text plus the
     part of its passage header ("[n] title") the allowance does not cover. qmsum/financebench
-    titles take ~20 tokens; without this a plan priced just under the engine's limit fails there."""
-    same_tokenizer = Path(str(collection.spec.tokenizer)).name == engine.model.name
+    titles take ~20 tokens; without this a plan priced just under the engine's limit fails there.
+    Stored chunk counts are used when `same_tokenizer` (None = `counts_match` decides)."""
+    if same_tokenizer is None:
+        same_tokenizer = counts_match(engine, hits)
     headers: dict[str, int] = {}
     out = []
     for h in hits:
         title = h.chunk.title or ""
         if title not in headers:
-            headers[title] = engine.count_tokens(prompts.format_passage(1, title, "") + "\n\n")
+            headers[title] = engine.count_tokens(prompts.format_passage(1, title, "") + prompts.PASSAGE_SEPARATOR)
         text = h.chunk.num_tokens if same_tokenizer else engine.count_tokens(h.chunk.text)
         out.append(text + max(0, headers[title] - header_allowance))
     return out
 
 
 async def prompt_token_counts(engine: Any, collection: Any, hits: list[RetrievedChunk], question: str,
-                              header_allowance: int) -> tuple[list[int], int]:
+                              header_allowance: int, verdicts: dict[tuple[str, str], bool] | None = None
+                              ) -> tuple[list[int], int]:
     """`chunk_prompt_tokens` and the question's tokens, counted in a worker thread: token
-    counts are synchronous, and a vLLM engine counts over HTTP (/tokenize)."""
+    counts are synchronous, and a vLLM engine counts over HTTP (/tokenize). `verdicts`
+    remembers `counts_match` per collection and ingest tokenizer."""
     def count() -> tuple[list[int], int]:
-        return (chunk_prompt_tokens(engine, collection, hits, header_allowance), engine.count_tokens(question))
+        key = (str(collection.name), str(collection.spec.tokenizer))
+        same = verdicts.get(key) if verdicts is not None else None
+        if same is None:
+            same = counts_match(engine, hits)
+            if verdicts is not None:
+                verdicts[key] = same
+        return (chunk_prompt_tokens(engine, collection, hits, header_allowance, same_tokenizer=same),
+                engine.count_tokens(question))
 
     return await asyncio.to_thread(count)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,7 +95,7 @@ class QualityModel:
     @property
     def grid(self) -> tuple[RagPlan, ...]:
         """The plans the model was trained on: the candidates it can speak for."""
-        return tuple(parse_plan_str(p) for p in self.meta["grid"])
+        return tuple(RagPlan.parse(p) for p in self.meta["grid"])
 
     def save(self, directory: str | Path) -> Path:
         import joblib
@@ -123,14 +122,3 @@ def load_quality_model(directory: str | Path) -> QualityModel:
     except ImportError:   # pragma: no cover - the eval extra
         raise ConfigError("the quality model needs scikit-learn and joblib: pip install 'ragserve[eval]'") from None
     return QualityModel(joblib.load(d / MODEL_FILE), meta)
-
-
-_PLAN = re.compile(r"([a-z_]+):([0-9]+)(?::([0-9]+))?")
-
-
-def parse_plan_str(text: str) -> RagPlan:
-    """METHOD:CHUNKS[:INTER] with ASCII digits only."""
-    m = _PLAN.fullmatch(text.strip())
-    if not m:
-        raise ConfigError(f"plan {text!r} is not METHOD:NUM_CHUNKS[:INTERMEDIATE_TOKENS]")
-    return RagPlan(Method.parse(m.group(1)), int(m.group(2)), int(m.group(3) or 0))

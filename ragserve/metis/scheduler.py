@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence
 
-from ragserve.config import TunedConfig
+from ragserve.config import MetisConfig, ServerConfig, TunedConfig
 from ragserve.domain import EngineStats, Method, RagPlan
 from ragserve.errors import AdmissionRejected, BadInput, ConfigError, NoFeasiblePlan
 from ragserve.metis.cost import CostModel, PlanCost
@@ -67,9 +67,9 @@ class Reason(str, Enum):
 class SchedulerConfig:
     policy: Policy = Policy.FCFS
     """fcfs | sjf; see the module docstring for head-of-line behaviour."""
-    max_waiting: int = 1024
+    max_waiting: int = MetisConfig.max_waiting
     """Jobs queued at most; `add` raises AdmissionRejected beyond (0 = unlimited)."""
-    retry_after_s: float = 1.0
+    retry_after_s: float = ServerConfig.retry_after_s
     """Retry-After hint carried by AdmissionRejected."""
     hold_until_release: bool = False
     """Keep each admitted job's KV budget reserved until `release(job_id)`: for engines whose

@@ -19,7 +19,7 @@ from typing import Any
 
 from ragserve.config import Config
 from ragserve.controller import Decision
-from ragserve.domain import Method, RagPlan, RetrievedChunk
+from ragserve.domain import Method, PlanDecision, RagPlan, RetrievedChunk
 from ragserve.engines.base import Engine
 from ragserve.metis.planner import MetisPlanner
 from ragserve.metis.rules import degenerate
@@ -73,10 +73,10 @@ class TunedPlanner(MetisPlanner):
         job = Job(f"q{next(self._ids)}", tuple(plans), Method.STUFF, tuple(counts), question_tokens,
                   slo_s=slo_s, qualities=tuple(qualities))
         decision = await self._admit(job)
-        details = {"planner": "tuned", "reason": decision.reason.value, "admission_s": round(decision.wait_s, 4),
-                   "predicted_quality": {str(p): round(q, 4) for p, q in zip(plans, qualities)},
-                   "backlog_s": round(decision.backlog_s, 3), "kv_free_tokens": decision.kv_free_tokens,
-                   "cost": decision.cost.to_dict(), "predict_ms": round(1000 * predict_s, 3),
-                   "speeds": stats.speeds.to_dict() if stats.speeds else None}
-        return Decision(decision.plan, queue_s=decision.wait_s, profile_s=predict_s, details=details,
-                        job_id=job.id)
+        chosen = PlanDecision(decision.plan, decision.reason.value, pruned=tuple(plans),
+                              kv_free_tokens=decision.kv_free_tokens, cost=decision.cost, planner="tuned",
+                              admission_s=decision.wait_s,
+                              predicted_quality={str(p): q for p, q in zip(plans, qualities)},
+                              backlog_s=decision.backlog_s, speeds=stats.speeds)
+        # profile_s: the quality prediction stands where METIS' profiler does
+        return Decision(chosen, queue_s=decision.wait_s, profile_s=predict_s, job_id=job.id)

@@ -53,10 +53,10 @@ class ServerMetrics:
     def observe_query(self, result: QueryResult) -> None:
         self.num_queries += 1
         self.queries.inc()
-        self.plans.labels(result.plan.method.value, result.decision.get("reason", "given")).inc()
+        self.plans.labels(result.plan.method.value, result.decision.reason or "given").inc()
         self.ttft.observe(result.timings.ttft_s)
         self.latency.observe(result.timings.total_s)
-        confidence = (result.decision.get("profile") or {}).get("confidence")
+        confidence = result.decision.profile.confidence if result.decision.profile is not None else None
         if confidence is not None:
             self.confidence.observe(float(confidence))
 

@@ -129,13 +129,11 @@ PlanField = Annotated[
 
 
 def to_plan(value: PlanIn | str | None) -> RagPlan | None:
-    from ragserve.runtime import parse_plan
-
     if value is None:
         return None
     if isinstance(value, PlanIn):
         return value.to_plan()
-    plan = parse_plan(value)
+    plan = RagPlan.parse(value)
     if plan.num_chunks > MAX_CHUNKS:
         raise BadInput(f"plan {value!r}: num_chunks must be <= {MAX_CHUNKS}")
     return plan
@@ -195,30 +193,15 @@ class QueryResponse(BaseModel):
 # ---------------------------------------------------------------------------- bodies from results
 
 def chunk_out(hit: RetrievedChunk) -> dict[str, Any]:
-    c = hit.chunk
-    return {"id": c.id, "doc_id": c.doc_id, "title": c.title, "score": round(hit.score, 4),
-            "text": c.text, "metadata": c.metadata}
-
-
-def _decision(decision: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    rest = {k: v for k, v in decision.items() if k != "profile"}
-    return decision.get("profile"), rest
+    return hit.to_dict()
 
 
 def query_response(result: QueryResult) -> dict[str, Any]:
-    profile, decision = _decision(result.decision)
-    return {"answer": result.answer, "plan": result.plan.to_dict(), "profile": profile,
-            "decision": decision, "chunks": [chunk_out(h) for h in result.chunks],
-            "timings": result.timings.to_dict(),
-            "tokens": {"prompt": result.prompt_tokens, "output": result.output_tokens},
-            "num_calls": result.num_calls, "finish_reason": result.finish_reason}
+    return result.to_dict()   # the same shape `ragserve query --json` prints
 
 
 def planned_event(planned: Planned) -> dict[str, Any]:
-    profile, decision = _decision(planned.decision)
-    return {"plan": planned.plan.to_dict(), "profile": profile, "decision": decision,
-            "chunks": [chunk_out(h) for h in planned.chunks]}
-
+    return planned.to_dict()
 
 
 # ---------------------------------------------------------------------------- OpenAI

@@ -11,9 +11,9 @@ from ragserve.eval.tuning import TuneRecord
 
 
 def plan(text: str) -> RagPlan:
-    from ragserve.runtime import parse_plan
+    from ragserve.domain import RagPlan
 
-    return parse_plan(text)
+    return RagPlan.parse(text)
 
 
 def make_record(query_id: str = "q1", plan_text: str = "stuff:2", quality: float = 0.5,

@@ -80,8 +80,8 @@ def test_adaptive_takes_the_most_expensive_pruned_plan_whatever_the_load(free):
     d = asyncio.run(planner.decide("Why did it happen?", COLLECTION, hits(30)))
     # pruned: stuff 2..6 and map_reduce 2..6 x 3 lengths; map_reduce:6 with the longest summaries
     # holds the most KV (6 maps of 150 tokens + their summaries, resident together)
-    assert str(d.plan) == "map_reduce:6:78" and d.details["reason"] == "max_quality"
-    assert d.queue_s == 0.0 and len(d.details["pruned"]) == 5 + 15
+    assert str(d.plan) == "map_reduce:6:78" and d.chosen.reason == "max_quality"
+    assert d.queue_s == 0.0 and len(d.chosen.pruned) == 5 + 15
     planner.done(d)
 
 
@@ -95,7 +95,7 @@ def test_adaptive_drops_plans_above_the_engine_limit():
     tiny = AdaptivePlanner(FakeEngine(20_000), Config(engine=EngineConfig(max_context_tokens=256)),
                            learned=Profile(single))
     d = asyncio.run(tiny.decide("Compare them", COLLECTION, hits(30)))
-    assert d.details["reason"] == "smallest" and d.plan.num_chunks == 10
+    assert d.chosen.reason == "smallest" and d.plan.num_chunks == 10
 
 
 def test_metis_runs_no_golden_feedback_with_a_learned_profiler():
@@ -172,7 +172,7 @@ def test_eval_planners_profile_on_the_profiler_endpoint_like_serve(kind):
             await planner.close()
 
     decision = asyncio.run(run())
-    assert decision.details["profile"]["source"] == "fallback" and engine.calls == []
+    assert decision.chosen.profile.source.value == "fallback" and engine.calls == []
 
 
 def test_adaptive_and_metis_share_one_setup():
@@ -223,8 +223,34 @@ def test_planners_count_tokens_off_the_event_loop_and_report_their_stats(kind):
     decision, during, after = asyncio.run(run())
     assert engine.count_threads and threading.main_thread().name not in engine.count_threads
     if kind == "metis":
-        assert during.held_tokens == decision.details["cost"]["kv_budget_tokens"] and after.held_tokens == 0
+        assert during.held_tokens == decision.chosen.cost.kv_budget_tokens and after.held_tokens == 0
         assert after.plans == {"stuff": 1} and after.reasons == {"fit": 1} and after.num_waiting == 0
         assert after.kv_free_tokens == 20_000
     else:
         assert after.num_waiting == 0 and after.kv_free_tokens is None
+
+
+class CountingEngine(FakeEngine):
+    """Counts words like FakeEngine (`scale` = 1: the collection's tokenizer) and its calls."""
+
+    def __init__(self, name: str, scale: int = 1) -> None:
+        super().__init__(20_000)
+        self.model = replace(SMOLLM2, name=name)
+        self.scale = scale
+        self.counted: list[str] = []
+
+    def count_tokens(self, text: str) -> int:
+        self.counted.append(text)
+        return self.scale * len(text.split())
+
+
+def test_stored_chunk_counts_are_used_when_the_engine_tokenizes_alike_whatever_its_model_name():
+    """vLLM serving the collection's tokenizer under another name (--served-model-name, a hub
+    id) must not fall back to counting every chunk over HTTP; another tokenizer must."""
+    chunks = [RetrievedChunk(Chunk(f"c{i}#0", f"c{i}", "text " * 40, 40), 1.0) for i in range(8)]
+    renamed = CountingEngine("my-served-smollm2")
+    assert chunk_prompt_tokens(renamed, COLLECTION, chunks, header_allowance=8) == [40] * 8
+    chunk_texts = [t for t in renamed.counted if t == chunks[0].chunk.text]
+    assert len(chunk_texts) <= 3                       # the probe, not one count per chunk
+    other = CountingEngine("smollm2", scale=2)           # the collection's name, another tokenizer
+    assert chunk_prompt_tokens(other, COLLECTION, chunks, header_allowance=8) == [80] * 8

@@ -4,7 +4,7 @@ from ragserve.domain import Method, RagPlan
 from ragserve.errors import ConfigError
 from ragserve.metis.feedback import GOLDEN_PLAN, FeedbackLoop
 from ragserve.metis.llm_profiler import ProfilePromptBuilder
-from tests.metis.factories import make_profile, make_result
+from tests.metis.factories import make_cost_model, make_model_spec, make_profile, make_result
 
 BUILDER = ProfilePromptBuilder("Meeting transcripts (QMSum)", chunk_tokens=256)
 
@@ -25,6 +25,28 @@ def test_golden_plan_is_map_reduce_30_chunks_300_tokens_capped_by_collection():
     assert GOLDEN_PLAN == RagPlan(Method.MAP_REDUCE, 30, 300)
     assert loop.golden_plan(max_chunks=100) == GOLDEN_PLAN
     assert loop.golden_plan(max_chunks=12) == RagPlan(Method.MAP_REDUCE, 12, 300)
+
+
+def test_golden_plan_is_the_most_expensive_that_fits():
+    loop = FeedbackLoop()
+    assert loop.golden_plan(30, lambda p: p.num_chunks <= 7) == RagPlan(Method.MAP_REDUCE, 7, 300)
+    assert loop.golden_plan(30, lambda p: False) is None
+
+
+def test_golden_plan_fits_the_default_context():
+    """With default settings (8,192-token context, 256-token chunks) METIS' 30 x 300 prices
+    above the context; the golden plan that runs must fit it, or the loop never teaches."""
+    cost = make_cost_model(make_model_spec(max_context=8192), overhead_tokens_per_call=60,
+                           overhead_tokens_per_chunk=8, answer_tokens=64)
+    counts = [256] * 30
+
+    def fits(plan: RagPlan) -> bool:
+        return cost.estimate(plan, counts, 12).max_call_tokens <= 8192
+
+    assert not fits(GOLDEN_PLAN)
+    golden = FeedbackLoop().golden_plan(30, fits)
+    assert golden is not None and golden.method is Method.MAP_REDUCE and golden.intermediate_tokens == 300
+    assert fits(golden) and not fits(RagPlan(Method.MAP_REDUCE, golden.num_chunks + 1, 300))
 
 
 def test_review_call_shows_query_answer_and_profile_used():

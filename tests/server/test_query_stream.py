@@ -8,8 +8,9 @@ from contextlib import aclosing
 import pytest
 
 from ragserve.config import Config
-from ragserve.controller import Controller, Decision, Planned, answer_batch
-from ragserve.domain import Chunk, LLMCall, LLMResult, Method, QueryResult, RagPlan, RetrievedChunk
+from ragserve.controller import Controller, Decision, Planned, PlannerStats
+from ragserve.synthesis import answer_batch, batch_shape
+from ragserve.domain import Chunk, LLMCall, LLMResult, Method, PlanDecision, QueryResult, RagPlan, RetrievedChunk
 from ragserve.synthesis import build_program
 
 PLANS = [RagPlan(Method.STUFF, 3), RagPlan(Method.MAP_RERANK, 3), RagPlan(Method.MAP_REDUCE, 3, 16),
@@ -70,7 +71,10 @@ class FakePlanner:
         self.done_calls = 0
 
     async def decide(self, question, collection, hits, slo_s=None):
-        return Decision(self.plan, details={"reason": "fit", "profile": {"confidence": 0.9}}, job_id="j1")
+        return Decision(PlanDecision(self.plan, reason="fit"), job_id="j1")
+
+    def stats(self):
+        return PlannerStats()
 
     def done(self, decision):
         self.done_calls += 1
@@ -95,6 +99,7 @@ def test_answer_batch_is_the_programs_last_single_call(plan):
         assert index is None and len(batches) == 1 and len(batches[0]) == plan.num_chunks
     else:
         assert index == len(batches) - 1 and len(batches[-1]) == 1
+    assert [len(b) for b in batches] == list(batch_shape(plan))   # the cost model prices this shape
 
 
 async def collect(controller: Controller, plan: RagPlan | None):
@@ -140,7 +145,7 @@ def test_leaving_early_cancels_the_call_and_releases_the_plan():
             return planned, piece
 
     planned, piece = asyncio.run(first_piece())
-    assert planned.decision["reason"] == "fit" and piece == "answer"
+    assert planned.decision.reason == "fit" and piece == "answer"
     assert engine.futures[0].cancelled()
     assert planner.done_calls == 1
 

@@ -202,7 +202,7 @@ def test_load_moves_and_metis_picks_smaller_plans(vllm_url, small_squad):
         idle = await controller.query(question, small_squad)
         num_long, max_tokens, query_at = tenant_load(engine, idle_stats.kv_capacity_tokens,
                                                      idle_stats.kv_used_tokens,
-                                                     idle.decision["cost"]["kv_budget_tokens"])
+                                                     idle.decision.cost.kv_budget_tokens)
         async with httpx.AsyncClient(base_url=vllm_url) as client:
             load = [asyncio.ensure_future(long_request(client, k, max_tokens)) for k in range(num_long)]
             loaded_stats = idle_stats
@@ -231,12 +231,12 @@ def test_load_moves_and_metis_picks_smaller_plans(vllm_url, small_squad):
     assert loaded_stats.kv_capacity_tokens == idle_stats.kv_capacity_tokens
     assert 0 <= loaded_stats.age_s < config.vllm.max_staleness_s
     # METIS planned against the free KV it saw: less of it, a smaller plan; both answered.
-    assert idle.plan.num_chunks == 9 and idle.decision["reason"] == "fit"
-    assert busy.decision["kv_free_tokens"] < idle.decision["cost"]["kv_budget_tokens"], busy.decision
+    assert idle.plan.num_chunks == 9 and idle.decision.reason == "fit"
+    assert busy.decision.kv_free_tokens < idle.decision.cost.kv_budget_tokens, busy.decision
     assert busy.plan.num_chunks < idle.plan.num_chunks, (idle.plan, busy.plan, busy.decision)
     for r in (idle, busy):
         assert r.answer.strip()
-        assert r.decision["cost"]["kv_budget_tokens"] <= r.decision["kv_free_tokens"]
+        assert r.decision.cost.kv_budget_tokens <= r.decision.kv_free_tokens
 
 
 # -- replicas and failover ------------------------------------------------------------------------------------

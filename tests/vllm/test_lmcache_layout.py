@@ -12,7 +12,7 @@ import pytest
 
 from ragserve import prompts
 from ragserve.config import VllmConfig, VllmEndpoint
-from ragserve.domain import Chunk
+from ragserve.domain import Chunk, LLMCall
 from ragserve.engines.vllm import VllmEngine, lmcache
 from ragserve.synthesis import answer_call, map_rerank_call, map_summary_call, refine_call
 from tests.vllm.fake_server import FakeVllm, chat_ids, decode, text_ids
@@ -36,36 +36,37 @@ def lmcache_segments(ids: list[int], sep: list[int]) -> list[list[int]]:
     return out + [ids[start:]]
 
 
-def test_split_answer_prompt_drops_rank_markers():
+def test_answer_prompt_layout_drops_rank_markers():
     chunks = [chunk(1, "Alpha"), chunk(2), chunk(3, "Gamma")]
-    user = answer_call("Who?", chunks, 16).messages[-1][1]
-    layout = lmcache.split_context(user, 3)
+    call = answer_call("Who?", chunks, 16)
+    layout = lmcache.context_layout(call)
     assert layout.head == "Context:\n"
     assert layout.passages == ("Alpha\nPassage 1 says 11.", "Passage 2 says 22.", "Gamma\nPassage 3 says 33.")
     assert layout.tail == "\n\nQuestion: Who?\nAnswer:"
+    # the layout renders back to the message the call sends
+    marked = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(layout.passages, 1))
+    assert layout.head + marked + layout.tail == call.messages[-1][1]
     # The same chunk at another rank is the same segment text (its KV is reusable there).
-    swapped = lmcache.split_context(answer_call("Who?", chunks[::-1], 16).messages[-1][1], 3)
+    swapped = lmcache.context_layout(answer_call("Who?", chunks[::-1], 16))
     assert swapped.passages == layout.passages[::-1]
 
 
-def test_split_other_passage_layouts():
+def test_other_passage_layouts():
     c = chunk(4, "Delta")
-    rerank = lmcache.split_context(map_rerank_call("Who?", c, 8).messages[-1][1], 1)
+    rerank = lmcache.context_layout(map_rerank_call("Who?", c, 8))
     assert rerank.passages == ("Delta\nPassage 4 says 44.",) and rerank.tail.startswith("\n\nQuestion: Who?")
-    summary = lmcache.split_context(map_summary_call("Who?", c, 32).messages[-1][1], 1)
+    summary = lmcache.context_layout(map_summary_call("Who?", c, 32))
     assert summary.head == "Passage:\n" and summary.passages == rerank.passages
-    # refine puts its passage after the question: sent unblended
-    assert lmcache.split_context(refine_call("Who?", "x", c, 8).messages[-1][1], 1) is None
+    # refine's passage comes after the question and the current answer: its head holds them
+    refine = lmcache.context_layout(refine_call("Who?", "x", c, 8))
+    assert refine.head.startswith("Question: Who?\nCurrent answer: x") and refine.passages == rerank.passages
 
 
-def test_split_rejects_mismatches():
-    user = answer_call("Who?", [chunk(1), chunk(2)], 16).messages[-1][1]
-    assert lmcache.split_context(user, 3) is None          # fewer passages than chunk ids
-    assert lmcache.split_context(user, 0) is None
-    assert lmcache.split_context("no passages here", 1) is None
-    # a passage whose text contains "\n\n[2] " is still cut at the real marker when in order
-    tricky = prompts.ANSWER.format(context="[1] a\n\n[2] b", question="q")
-    assert lmcache.split_context(tricky, 2).passages == ("a", "b")
+def test_layout_comes_from_structure_not_text():
+    assert lmcache.context_layout(LLMCall((("user", "Context:\n[1] a\n\nQuestion: q\nAnswer:"),), 4)) is None
+    # a passage whose text looks like the next marker stays one passage
+    c = Chunk("t#0", "t", "a\n\n[2] b", 5)
+    assert lmcache.context_layout(answer_call("q", [c], 4)).passages == ("a\n\n[2] b",)
 
 
 def test_blend_prompt_is_what_lmcache_splits_back():
@@ -95,7 +96,7 @@ def test_chat_frame_is_the_template_around_the_user_message():
 
 def test_blend_endpoint_gets_token_prompt_in_lmcache_layout(tmp_path):
     """End to end over a fake server: a blend-enabled endpoint receives /v1/completions with the
-    layout; calls without chunk ids (or in another layout) still go to chat completions."""
+    layout; calls without passages (the profiler's) still go to chat completions."""
     fake = FakeVllm().start()
     try:
         (tmp_path / "config.json").write_text(json.dumps(
@@ -105,11 +106,11 @@ def test_blend_endpoint_gets_token_prompt_in_lmcache_layout(tmp_path):
         engine = VllmEngine(config)
         chunks = [chunk(1, "Alpha"), chunk(2)]
         call = answer_call("Who?", chunks, 4)
-        refine = refine_call("Who?", "x", chunks[0], 4)
+        plain = LLMCall((("user", "Who?"),), 4)
 
         async def go():
             try:
-                return await engine.generate([call, refine])
+                return await engine.generate([call, plain])
             finally:
                 await engine.close()
         asyncio.run(go())

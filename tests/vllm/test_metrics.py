@@ -101,8 +101,16 @@ def test_sample_parser_handles_escapes_timestamps_and_specials():
     assert a.value == 3.5 and plain.value == 2 and plain.labels == ()
     assert inf.value == float("inf") and inf.label("le") == "+Inf"
     assert nan.value != nan.value
-    with pytest.raises(ValueError, match="line 1"):
+    with pytest.raises(ValueError, match="not Prometheus text"):
         list(parse_samples('broken{label=unquoted} 1'))
+
+
+def test_pages_in_any_valid_exposition_spacing_parse_the_same():
+    """Whitespace the format allows (before '{', around '='): a hand-written line parser
+    rejected these pages as 'not a Prometheus sample'."""
+    spaced = re.sub(r'^(vllm:[a-z_:]+)\{', r'\1 {', LOADED, flags=re.M).replace('="', ' = "')
+    assert spaced != LOADED
+    assert parse_load(spaced) == parse_load(LOADED)
 
 
 def test_to_stats_adds_unscraped_calls_up_to_capacity():

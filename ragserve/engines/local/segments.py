@@ -1,6 +1,7 @@
 """Prompt segmentation for chunk-KV reuse: which tokens of a prompt may come from stored KV.
 
-A blendable prompt is tokenized in pieces whose token ids are concatenated:
+A blendable prompt is tokenized in pieces whose token ids are concatenated, cut from the
+call's `PromptContext` (the structure its user message was rendered from, never re-parsed):
 
     [prefix][chunk 1][glue][chunk 2][glue] ... [chunk n][suffix]
      prefix  chat-template head + system prompt + "Context:\\n[1]"
@@ -30,14 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ragserve import prompts
-from ragserve.domain import LLMCall
+from ragserve.domain import LLMCall, PromptContext
 
 PREFIX, CHUNK, GLUE, SUFFIX = "prefix", "chunk", "glue", "suffix"
 REUSED_KINDS = (PREFIX, CHUNK)
 
-_CONTEXT_HEAD, _CONTEXT_TAIL = prompts.ANSWER.split("{context}")   # "Context:\n", "\n\nQuestion: ..."
-_QUESTION_HEAD = _CONTEXT_TAIL.split("{question}")[0]                # "\n\nQuestion: "
-_SEPARATOR = "\n\n"                                                   # between passages (synthesis._context)
 
 
 @dataclass(frozen=True)
@@ -120,52 +118,38 @@ def from_pieces(tokenizer: Any, pieces: Sequence[tuple[str, str]],
     return SegmentedPrompt(tuple(ids), segments, tuple(ids[:cut]))
 
 
-def answer_pieces(rendered: str, user: str, num_chunks: int) -> list[tuple[str, str]] | None:
-    """Split a rendered chat prompt whose last user message is `prompts.ANSWER` over
-    `num_chunks` passages. None when the layout is not found (the caller prefills normally)."""
-    at = rendered.rfind(user)
-    if at < 0 or num_chunks < 1 or not user.startswith(_CONTEXT_HEAD):
-        return None
-    context_end = user.rfind(_QUESTION_HEAD)
-    if context_end < 0:
-        return None
-    context = user[len(_CONTEXT_HEAD):context_end]
-    markers: list[tuple[int, int]] = []   # (start, end) of each "[i]" marker in `context`
-    pos = 0
-    for i in range(1, num_chunks + 1):
-        if i == 1:
-            found = 0 if context.startswith("[1]") else -1
-        else:
-            found = context.find(f"{_SEPARATOR}[{i}]", pos)
-            found = found + len(_SEPARATOR) if found >= 0 else -1
-        if found < 0:
-            return None
-        markers.append((found, found + len(f"[{i}]")))
-        pos = markers[-1][1]
-    base = at + len(_CONTEXT_HEAD)          # context offset in the rendered text
-    tail = rendered[base + len(context):]   # starts with _QUESTION_HEAD
-    pieces = [(PREFIX, rendered[:base + markers[0][1]])]
-    for i, (_, end) in enumerate(markers):
-        if i + 1 < num_chunks:
-            start, stop = markers[i + 1]
-            pieces.append((CHUNK, context[end:start]))   # ends with the separator
-            pieces.append((GLUE, context[start:stop]))
-        else:
-            pieces.append((CHUNK, context[end:] + _SEPARATOR))
-    pieces.append((SUFFIX, tail[len(_SEPARATOR):]))
+def answer_pieces(rendered_head: str, context: PromptContext, rendered_tail: str) -> list[tuple[str, str]]:
+    """The (kind, text) pieces of a prompt whose last user message is `context`, between the
+    chat template's text before it (`rendered_head`) and after it (`rendered_tail`)."""
+    sep = prompts.PASSAGE_SEPARATOR
+    n = len(context.passages)
+    pieces = [(PREFIX, rendered_head + context.head + prompts.passage_marker(1))]
+    for i, p in enumerate(context.passages, start=1):
+        marker = prompts.passage_marker(i)
+        body = prompts.format_passage(i, p.title, p.text)[len(marker):]   # " title\ntext": rank-free
+        pieces.append((CHUNK, body + sep))
+        if i < n:
+            pieces.append((GLUE, prompts.passage_marker(i + 1)))
+    pieces.append((SUFFIX, context.tail + rendered_tail))
     return pieces
 
 
 def segment_call(tokenizer: Any, call: LLMCall,
                  chunk_context: str = "prefix") -> SegmentedPrompt | None:
-    """Segment an answer call (stuff, reduce, first refine step) for blending.
+    """Segment an answer call (stuff, reduce, map_rerank, first refine step) for blending.
 
-    None when the call names no chunks or is not in the `prompts.ANSWER` layout.
-    """
-    if not call.chunk_ids or not call.messages or call.messages[-1][0] != "user":
+    None when the call carries no passages or its passages are not in the answer layout
+    (`prompts.ANSWER`'s head, whose prefix the stored chunk KV was computed after)."""
+    ctx = call.context
+    if ctx is None or not ctx.passages or ctx.head != prompts.ANSWER[0]:
+        return None
+    user = prompts.render_context(ctx)
+    if not call.messages or call.messages[-1] != ("user", user):
         return None
     messages = [{"role": r, "content": c} for r, c in call.messages]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    pieces = answer_pieces(rendered, call.messages[-1][1], len(call.chunk_ids))
-    return None if pieces is None else from_pieces(tokenizer, pieces, chunk_context)
-
+    at = rendered.rfind(user)   # where the template put the message (its text is ours, verbatim)
+    if at < 0:
+        return None
+    pieces = answer_pieces(rendered[:at], ctx, rendered[at + len(user):])
+    return from_pieces(tokenizer, pieces, chunk_context)

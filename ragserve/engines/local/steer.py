@@ -39,9 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ragserve import prompts
 from ragserve.config import SteerConfig
-from ragserve.domain import LLMCall
+from ragserve.domain import Chunk
 from ragserve.engines.local.kv_store import KVStore, segment_key
 from ragserve.engines.local.segments import CHUNK, SUFFIX, SegmentedPrompt, segment_call
 
@@ -218,8 +217,9 @@ def instruction_prefix(tokenizer: Any, instruction: str) -> tuple[int, ...]:
     """Tokens a chunk is scored after: the answer prompt's prefix (chat template head,
     "Context:\\n[1]") with `instruction` as the system prompt, so the chunk's ids are the
     ones it has in a real prompt."""
-    user = prompts.ANSWER.format(context=prompts.format_passage(1, "", "x"), question="?")
-    probe = segment_call(tokenizer, LLMCall((("system", instruction), ("user", user)), 1, chunk_ids=("x",)))
+    from ragserve.synthesis import answer_call
+
+    probe = segment_call(tokenizer, answer_call("?", [Chunk("x", "x", "x", 1)], 1, system=instruction))
     if probe is None:
         raise ValueError("the chat template does not keep the answer prompt's layout")
     return probe.chunk_context

@@ -147,7 +147,7 @@ class VllmEngine:
         """The LMCache blend layout of `call` as token ids, or None to send it as chat."""
         if not call.messages or call.messages[-1][0] != "user":
             return None
-        layout = lmcache.split_context(call.messages[-1][1], len(call.chunk_ids))
+        layout = lmcache.context_layout(call)
         if layout is None:
             return None
         frame = self._frame(client, call)

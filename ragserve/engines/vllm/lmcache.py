@@ -16,9 +16,8 @@ KV is reused wherever the chunk lands. The prompt must therefore be token ids la
     sep       `tokenizer.encode(blend_special_str)[1:]`, exactly what LMCache searches for
               (its SegmentTokenDatabase drops the first id, meant to be BOS)
 
-Only calls whose last user message has the passages-then-question layout of
-`prompts.ANSWER`, `MAP_RERANK` and `MAP_SUMMARY` are laid out this way; others (refine) go
-through chat completions unchanged. None of this runs on CPU: LMCache blending needs a CUDA
+Every call that carries passages (`LLMCall.context`: stuff, map_rerank, map, reduce, refine)
+is laid out from that structure; calls without passages go through chat completions unchanged. None of this runs on CPU: LMCache blending needs a CUDA
 vLLM build (see docs/vllm.md); the tests check the layout only.
 """
 from __future__ import annotations
@@ -26,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-_QUESTION_HEAD = "\n\nQuestion: "   # where every passage layout's context ends (ragserve.prompts)
-_PASSAGE_SEPARATOR = "\n\n"          # between passages (synthesis._context)
+from ragserve import prompts
+from ragserve.domain import LLMCall
 
 
 @dataclass(frozen=True)
@@ -36,37 +35,17 @@ class ContextLayout:
 
     head: str                    # text before the first passage's "[1] " marker
     passages: tuple[str, ...]    # each passage without its "[i] " marker or separator
-    tail: str                    # from "\n\nQuestion: " to the end
+    tail: str                    # the separator after the last passage, then the rest
 
 
-def split_context(user: str, num_passages: int) -> ContextLayout | None:
-    """Find `num_passages` passages "[1] ...", "[2] ..." followed by the question.
-
-    None when the message does not have that layout (the call is sent unblended)."""
-    if num_passages < 1:
+def context_layout(call: LLMCall) -> ContextLayout | None:
+    """The LMCache layout of `call`'s last user message, from the structure it was rendered
+    from (`call.context`); None for a call without passages (sent unblended)."""
+    ctx = call.context
+    if ctx is None or not ctx.passages:
         return None
-    start = user.find("[1] ")
-    end = user.rfind(_QUESTION_HEAD)
-    if start < 0 or end < start or (start > 0 and user[start - 1] != "\n"):
-        return None
-    context = user[start:end]
-    bounds: list[int] = [0]   # start offsets of each marker in `context`
-    for i in range(2, num_passages + 1):
-        at = context.find(f"{_PASSAGE_SEPARATOR}[{i}] ", bounds[-1] + 1)
-        if at < 0:
-            return None
-        bounds.append(at)
-    bounds.append(len(context))
-    passages = []
-    for i in range(num_passages):
-        piece = context[bounds[i]:bounds[i + 1]]
-        if i:
-            piece = piece[len(_PASSAGE_SEPARATOR):]
-        marker = f"[{i + 1}] "
-        if not piece.startswith(marker):
-            return None
-        passages.append(piece[len(marker):])
-    return ContextLayout(head=user[:start], passages=tuple(passages), tail=user[end:])
+    return ContextLayout(head=ctx.head, passages=tuple(prompts.passage_text(p.title, p.text) for p in ctx.passages),
+                         tail=prompts.PASSAGE_SEPARATOR + ctx.tail)
 
 
 def chat_frame(full_ids: Sequence[int], empty_ids: Sequence[int]) -> tuple[list[int], list[int]]:

