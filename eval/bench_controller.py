@@ -205,6 +205,18 @@ def bench_llm(num_queries: int, seed: int) -> dict[str, Any]:
         return {"status": "not measured", "reason": f"embedded engine failed: {exc!r}"}
 
 
+CORE_LABELS = {"plan": "plan (prune + gate)", "add": "cost (price candidates)", "schedule": "schedule (best fit)",
+               "total": "**plan + cost + schedule**", "total_cpu": "plan + cost + schedule, CPU time"}
+TUNED_LABELS = {"predict": "tuned: quality model (all grid plans)", "add": "tuned: timed cost",
+                "schedule": "tuned: decision rule", "total": "**tuned: predict + cost + rule**",
+                "total_cpu": "tuned total, CPU time"}
+
+
+def _timing_rows(run: dict[str, Any], policy: str, labels: dict[str, str]) -> list[str]:
+    return [f"| {label} | {policy} | {run[f'{name}_ms']['p50']:.3f} | {run[f'{name}_ms']['p99']:.3f} | "
+            f"{run[f'{name}_ms']['max']:.3f} |" for name, label in labels.items()]
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Controller decision overhead",
@@ -216,20 +228,10 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for run in report["core"]:
-        for name in ("plan", "add", "schedule", "total", "total_cpu"):
-            label = {"plan": "plan (prune + gate)", "add": "cost (price candidates)",
-                     "schedule": "schedule (best fit)", "total": "**plan + cost + schedule**",
-                     "total_cpu": "plan + cost + schedule, CPU time"}[name]
-            s = run[f"{name}_ms"]
-            lines.append(f"| {label} | {run['policy']} | {s['p50']:.3f} | {s['p99']:.3f} | {s['max']:.3f} |")
+        lines += _timing_rows(run, run["policy"], CORE_LABELS)
     tuned = report.get("tuned", {})
     if tuned.get("status") == "measured":
-        for name in ("predict", "add", "schedule", "total", "total_cpu"):
-            label = {"predict": "tuned: quality model (all grid plans)", "add": "tuned: timed cost",
-                     "schedule": "tuned: decision rule", "total": "**tuned: predict + cost + rule**",
-                     "total_cpu": "tuned total, CPU time"}[name]
-            st = tuned[f"{name}_ms"]
-            lines.append(f"| {label} | fcfs | {st['p50']:.3f} | {st['p99']:.3f} | {st['max']:.3f} |")
+        lines += _timing_rows(tuned, "fcfs", TUNED_LABELS)
     else:
         lines.append(f"| tuned | - | not measured: {tuned.get('reason', '')} | | |")
     llm = report["llm_profile"]
