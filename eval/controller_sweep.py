@@ -71,6 +71,16 @@ def measured_speeds(run_dir: Path) -> EngineSpeeds:
     raise SystemExit(f"{run_dir}: no engine_speeds in report.json (a run from before speeds were measured)")
 
 
+def real_rates(specs: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """dataset -> [(rate factor, absolute rate q/s)] of the real runs given as FACTOR=DIR."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for spec in specs:
+        factor, _, d = spec.partition("=")
+        meta = json.loads((Path(d) / "report.json").read_text())["meta"]
+        out.setdefault(meta["dataset"], []).append((float(factor), float(meta["rate_qps"])))
+    return out
+
+
 def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     meta, records = read_profile(profile)
     retrieval = retrieval_summaries(profile)
@@ -109,14 +119,17 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         info["engines"][engine_name] = {"best_fixed": best_fixed, "capacity_qps": capacity, "slo_s": slo_s,
                                         "speeds": sp.to_dict(), "kv_capacity_tokens": kv}
         systems = [SimSystem(f"fixed:{p}", p) for p in grid] + [SimSystem("metis"), SimSystem("tuned")]
-        for factor in args.rate_factors:
-            rate = factor * capacity
+        # the curve relative to this engine's capacity, and (CPU engine) each real run's own rate,
+        # which is what validates the simulator against it
+        at_real = [(f, r, True) for f, r in args.real_rates.get(meta.dataset, [])] if engine_name == "cpu" else []
+        for factor, rate, validation in [(f, f * capacity, False) for f in args.rate_factors] + at_real:
             results = {s.name: run_system(queries, s, rate, settings, args.reps, slo_s) for s in systems}
             ref = results[f"fixed:{best_fixed}"]["per_query"]
             for name, res in results.items():
                 diffs = [res["per_query"][q] - ref[q] for q in ref]
                 points.append({"dataset": meta.dataset, "engine": engine_name, "rate_factor": factor,
-                               "rate_qps": rate, "source": "sim", "system": name, "n": res["n"],
+                               "rate_qps": rate, "source": "sim", "at_real_rate": validation,
+                               "system": name, "n": res["n"],
                                "quality": res["quality"], "quality_ci95": ci95(diffs),
                                "quality_diff_vs_best_fixed": float(np.mean(diffs)),
                                "mean_s": res["mean_s"], "p95_s": res["p95_s"],
@@ -167,7 +180,8 @@ def targets(points: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str
     out = []
     for ds, dinfo in info.items():
         for engine, einfo in dinfo["engines"].items():
-            pts = [p for p in points if p["dataset"] == ds and p["engine"] == engine and p["source"] == "sim"]
+            pts = [p for p in points if p["dataset"] == ds and p["engine"] == engine and p["source"] == "sim"
+                   and not p.get("at_real_rate")]
 
             def at(factor, name):
                 return next((p for p in pts if p["rate_factor"] == factor and p["system"] == name), None)
@@ -194,6 +208,23 @@ def targets(points: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str
     return out
 
 
+def validation(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each real point beside the simulated point at the same dataset, system and rate."""
+    out = []
+    for r in (p for p in points if p["source"] == "real"):
+        sim = next((p for p in points if p.get("at_real_rate") and p["dataset"] == r["dataset"]
+                    and p["system"] == r["system"] and p["rate_factor"] == r["rate_factor"]), None)
+        if sim is None:
+            continue
+        err = sim["mean_s"] / r["mean_s"] - 1
+        q_err = (sim["quality"] / r["quality"] - 1) if r["quality"] else 0.0
+        out.append({"dataset": r["dataset"], "rate_factor": r["rate_factor"], "system": r["system"],
+                    "real_quality": r["quality"], "sim_quality": sim["quality"], "real_mean_s": r["mean_s"],
+                    "sim_mean_s": sim["mean_s"], "mean_rel_error": err, "quality_rel_error": q_err,
+                    "within_15pct": abs(err) <= 0.15 and abs(q_err) <= 0.15})
+    return out
+
+
 def fmt(v, nd=3):
     return "" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -213,6 +244,16 @@ def write_md(path: Path, doc: dict[str, Any]) -> None:
                                  f"{fmt(p['mean_s'], 2)} | {fmt(p['p95_s'], 2)} | {fmt(p['slo_attainment'], 2)} | "
                                  f"{fmt(p['goodput_qps'])} |")
             lines.append("")
+    val = validation(doc["points"])
+    if val:
+        lines += ["## Simulator validation (real runs vs the simulator at the same rate)", "",
+                  "| dataset | rate × | system | real quality | sim quality | real mean s | sim mean s | "
+                  "mean error | within 15% |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        for v in val:
+            lines.append(f"| {v['dataset']} | {v['rate_factor']} | `{v['system']}` | {fmt(v['real_quality'])} | "
+                         f"{fmt(v['sim_quality'])} | {fmt(v['real_mean_s'], 2)} | {fmt(v['sim_mean_s'], 2)} | "
+                         f"{v['mean_rel_error']:+.0%} | {v['within_15pct']} |")
+        lines.append("")
     lines += ["## Targets (tuned)", "",
               "| dataset | engine | rate × | tuned q | best fixed q | quality ok | fastest fixed at equal q | latency ratio | "
               "similar-latency fixed | rel. gain | goodput ratio | metis q | metis mean s |",
@@ -272,13 +313,14 @@ def main() -> int:
     ap.add_argument("--gpu-kv-tokens", type=int, default=6000)
     args = ap.parse_args()
     points, info = [], {}
+    args.real_rates = real_rates(args.real)
     for d in args.profiles:
         p, i = dataset_points(Path(d), args)
         points += p
         info[i["dataset"]] = i
     points += real_points(args.real, info)
     doc = {"command": "python " + " ".join(sys.argv), "points": points, "info": info,
-           "targets": targets(points, info),
+           "targets": targets(points, info), "validation": validation(points),
            "note": ("Simulated points: Poisson traces of each sweep's queries (n = queries; quality = mean over "
                     f"{args.reps} traces, CI paired by query vs the best fixed plan) through the real scheduler and "
                     "decision rule; quality per (query, plan) from the sweep records; the tuned rule plans with "
