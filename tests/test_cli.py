@@ -156,6 +156,6 @@ def test_blend_check_stores_a_verdict_the_blended_query_reports(cli_env, ingeste
     q = ragserve("--config", str(config), "query", "When did the oil crisis begin?", "--collection", ingested,
                  "--plan", "stuff:2", "--blend", "--json", env=cli_env)
     assert q.returncode == 0, q.stderr
-    assert json.loads(q.stdout)["blend"] == {"blend": True, "ratio": 0.5, "source": "gate", "reason": ""}
+    assert json.loads(q.stdout)["decision"]["blend"] == {"blend": True, "ratio": 0.5, "source": "gate", "reason": ""}
     bad = ragserve("blend", "check", "--collection", ingested, "--ratios", "2", env=cli_env)
     assert bad.returncode == 2 and "--ratios" in bad.stderr

@@ -48,7 +48,7 @@ def test_plans_shrink_as_the_queue_grows_and_grow_back_when_it_drains(small_squa
         col = controller.retriever.collection(small_squad)
         hits, _ = controller.retriever.retrieve(col, QUESTION, 3)
         cost = planner.cost.timed(engine.stats().speeds)
-        counts, q = planner._token_counts(col, hits), engine.count_tokens(QUESTION)
+        counts, q = await planner._token_counts(col, hits, QUESTION)
         extra_s = cost.estimate(GRID[1], counts, q).est_latency_s - cost.estimate(GRID[0], counts, q).est_latency_s
         planner.scheduler.rule = TunedConfig(time_value=0.05 / extra_s, slack=10.0)
         idle = await controller.query(QUESTION, small_squad)

@@ -2,6 +2,7 @@
 for HTTP behaviour that does not need answers from a model (errors, listings, damage)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from pathlib import Path
@@ -50,6 +51,16 @@ class FakeEngine:
         self.calls.extend(calls)
         return [LLMResult(text="answer", prompt_tokens=10, output_tokens=1, ttft_s=0.01, total_s=0.02,
                           token_logprobs=(-0.1,), finish_reason=self.finish) for _ in calls]
+
+    async def stream_result(self, call):
+        """The whole answer as one piece (the Engine protocol's streaming form)."""
+        (result,) = await self.generate([call])
+
+        async def pieces():
+            yield result.text
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(result)
+        return pieces(), future
 
     def stats(self) -> EngineStats:
         return EngineStats(kv_capacity_tokens=10_000, kv_used_tokens=0, num_running=0, num_waiting=0)
