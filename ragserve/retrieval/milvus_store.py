@@ -37,7 +37,7 @@ from ragserve.config import MilvusConfig, data_dir
 from ragserve.errors import BadInput, NotFound, RagServeError
 from ragserve.retrieval.base import VectorStore
 from ragserve.retrieval.generations import writer_lock
-from ragserve.retrieval.store import CollectionSpec, validate_name
+from ragserve.retrieval.store import CollectionSpec, check_spec, validate_name
 
 if TYPE_CHECKING:
     from ragserve.retrieval.milvus_collection import MilvusCollection
@@ -216,11 +216,7 @@ class MilvusStore(VectorStore):
         if self._latest(name) is None:
             return MilvusCollection(self, name, spec, 0, {})
         col = self.open(name)
-        if col.spec != spec:
-            diffs = ", ".join(f"{f.name}: stored {getattr(col.spec, f.name)!r} vs {getattr(spec, f.name)!r}"
-                              for f in fields(spec) if getattr(col.spec, f.name) != getattr(spec, f.name))
-            raise BadInput(f"collection {name!r} was built with other settings ({diffs}); "
-                           f"use a new collection name or delete {name!r} first")
+        check_spec(name, col.spec, spec)
         return col
 
     def delete(self, name: str) -> None:

@@ -77,6 +77,15 @@ def validate_name(name: str) -> str:
     return name
 
 
+def check_spec(name: str, stored: CollectionSpec, wanted: CollectionSpec) -> None:
+    """BadInput naming every setting where a stored collection differs from the one asked for."""
+    if stored != wanted:
+        diffs = ", ".join(f"{f.name}: stored {getattr(stored, f.name)!r} vs {getattr(wanted, f.name)!r}"
+                          for f in fields(wanted) if getattr(stored, f.name) != getattr(wanted, f.name))
+        raise BadInput(f"collection {name!r} was built with other settings ({diffs}); "
+                       f"use a new collection name or delete {name!r} first")
+
+
 def list_collections() -> list[str]:
     root = collections_root()
     if not root.is_dir():
@@ -144,11 +153,7 @@ class Collection(StoredCollection):
         if name not in list_collections():
             return cls(name, spec)
         col = cls.open(name)
-        if col.spec != spec:
-            diffs = ", ".join(f"{f.name}: stored {getattr(col.spec, f.name)!r} vs {getattr(spec, f.name)!r}"
-                              for f in fields(spec) if getattr(col.spec, f.name) != getattr(spec, f.name))
-            raise BadInput(f"collection {name!r} was built with other settings ({diffs}); "
-                           f"use a new collection name or delete {name!r} first")
+        check_spec(name, col.spec, spec)
         return col
 
     @classmethod

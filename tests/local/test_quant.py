@@ -19,14 +19,8 @@ from ragserve.engines.local.runner import ModelRunner
 from ragserve.engines.local.segments import segment_call
 from ragserve.engines.local.steer import Steerer
 from ragserve.synthesis import answer_call
+from tests.local.test_steer import PASSAGES
 
-PASSAGES = [
-    ("Marie Curie", "Marie Curie was a physicist and chemist who conducted pioneering research on "
-     "radioactivity. She was the first woman to win a Nobel Prize."),
-    ("Warsaw", "Warsaw is the capital and largest city of Poland. Marie Curie was born in Warsaw in 1867."),
-    ("Radium", "Radium is a chemical element with the symbol Ra. It was discovered by Marie and Pierre "
-     "Curie in 1898 from the mineral uraninite."),
-]
 PROMPTS = [   # the fixed greedy set: RAG answers and free text
     answer_call("In which city was Marie Curie born?", [], 12),
     answer_call("Who discovered radium?", [], 12),
