@@ -31,6 +31,7 @@ from ragserve.domain import EngineSpeeds, ModelSpec  # noqa: E402
 from ragserve.eval.quality_training import choose_adjust, cross_fit, retrieval_summaries, training_data  # noqa: E402
 from ragserve.eval.simulator import (SimSettings, SimSystem, fit_speeds, sim_queries, simulate,  # noqa: E402
                                      summarize)
+from ragserve.eval.report import percentile  # noqa: E402
 from ragserve.eval.tuning import read_profile  # noqa: E402
 
 RATE_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
@@ -150,7 +151,6 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
                 r = json.loads(line)
                 rows.setdefault(r["system"], []).append(r)
         slo_s = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("slo_s")
-        ref = None
         for name, rs in rows.items():
             lat = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
             span = max(r["arrival_s"] + (r["total_s"] or 0) for r in rs) - min(r["arrival_s"] for r in rs)
@@ -159,7 +159,7 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
                         "rate_qps": meta["rate_qps"], "source": "real", "system": name, "n": len(rs),
                         "quality": float(np.mean([r["quality"] for r in rs])),
                         "per_query": {r["id"]: r["quality"] for r in rs}, "quality_ci95": None,
-                        "mean_s": float(np.mean(lat)), "p95_s": lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)],
+                        "mean_s": float(np.mean(lat)), "p95_s": percentile(lat, 95),
                         "slo_attainment": ok / len(rs) if slo_s else None,
                         "goodput_qps": ok / span if slo_s and span > 0 else None})
         best = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("best_fixed")

@@ -165,8 +165,8 @@ async def _sweep(collection: str, questions: Sequence[dict[str, str]], grid: tup
                     if (q["id"], str(plan)) in done or plan.num_chunks > len(hits):
                         continue
                     r = gold if plan == golden else await controller.query(q["question"], collection, plan=plan)
-                    append(out, TuneRecord(q["id"], q["question"], plan, agreement(r.answer, gold.answer),
-                                           r.timings.total_s, f1=agreement(r.answer, gold.answer),
+                    label = agreement(r.answer, gold.answer)
+                    append(out, TuneRecord(q["id"], q["question"], plan, label, r.timings.total_s, f1=label,
                                            ttft_s=r.timings.ttft_s, prompt_tokens=r.prompt_tokens,
                                            output_tokens=r.output_tokens, num_calls=r.num_calls,
                                            answer=r.answer, retrieval=summary))

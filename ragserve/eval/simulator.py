@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ragserve.config import TunedConfig
+from ragserve.eval.report import percentile
 from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.domain import EngineSpeeds, EngineStats, Method, ModelSpec, RagPlan
 from ragserve.metis.scheduler import Job, Policy, Scheduler, SchedulerConfig
@@ -269,7 +269,7 @@ def summarize(rows: Sequence[SimRow], slo_s: float | None = None) -> dict[str, A
     lat = sorted(r.latency_s for r in rows)
     n = len(rows)
     out: dict[str, Any] = {"n": n, "quality": sum(r.quality for r in rows) / n,
-                           "mean_s": sum(lat) / n, "p95_s": lat[min(n - 1, math.ceil(0.95 * n) - 1)]}
+                           "mean_s": sum(lat) / n, "p95_s": percentile(lat, 95)}
     if slo_s is not None:
         ok = [r for r in rows if r.latency_s <= slo_s]
         span = max(r.arrival_s + r.latency_s for r in rows) - min(r.arrival_s for r in rows)

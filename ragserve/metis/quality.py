@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,9 +93,10 @@ class QualityModel:
             base = base + self.estimator.predict(feature_rows(question, retrieval, plans))
         return [min(1.0, max(0.0, float(v))) for v in base]
 
-    @property
+    @cached_property
     def grid(self) -> tuple[RagPlan, ...]:
-        """The plans the model was trained on: the candidates it can speak for."""
+        """The plans the model was trained on: the candidates it can speak for (parsed once:
+        the planner reads it for every query)."""
         return tuple(RagPlan.parse(p) for p in self.meta["grid"])
 
     def save(self, directory: str | Path) -> Path:
