@@ -93,6 +93,35 @@ def test_decode_and_prefill_kernels_compute_the_same_layer(mode):
     torch.testing.assert_close(dense, lin(x), rtol=0.1, atol=0.1 if mode == "int8" else 0.3)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_siblings_compute_what_the_separate_projections_do(mode):
+    torch.manual_seed(0)
+
+    def quantized(lin: nn.Linear) -> nn.Module:
+        if mode == "int8":
+            return quant.Int8Linear(*quant.quantize_int8(lin.weight), lin.bias)
+        return quant.Int4Linear(*quant.quantize_int4(lin.weight, 128), lin.bias)
+
+    block = nn.Module()
+    for name, out in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32), ("gate_proj", 96), ("up_proj", 96)):
+        setattr(block, name, quantized(nn.Linear(256, out, bias=name != "up_proj")))
+    x = torch.randn(1, 2, 256)
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    want = [getattr(block, n)(x) for n in names]
+    assert quant.fuse_siblings(block) == 2
+    assert all(isinstance(getattr(block, n), quant.SiblingLinear) for n in names)
+    for _ in range(2):   # the second pass: the cached parts were released, not reused stale
+        for n, w in zip(names, want):
+            torch.testing.assert_close(getattr(block, n)(x), w, rtol=1e-2, atol=1e-2)
+    other = torch.randn(1, 2, 256)   # a new input is computed, not served from the cache
+    torch.testing.assert_close(block.k_proj(other), quantized_ref(block, other, 64, 96), rtol=1e-2, atol=1e-2)
+    assert block.q_k_v_fused._x is other   # held until q and v take their parts
+
+
+def quantized_ref(block: nn.Module, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return block.q_k_v_fused.fused(x)[..., start:stop]
+
+
 # -- the model ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,73 @@ class Int4Linear(_QuantLinear):
         return y.to(x.dtype)
 
 
+class _Siblings(nn.Module):
+    """Projections of one input (q/k/v, gate/up) as one matmul: at decode the weight-only
+    kernels are bound by call overhead as much as by bytes (169 calls a step on Qwen-0.5B),
+    so one call per input pays. The model calls each sibling with the same tensor; the first
+    call computes all outputs, the others take their slice. The input is held (so its
+    identity cannot be reused) only until every sibling has taken its part."""
+
+    def __init__(self, fused: _QuantLinear, sizes: list[int]) -> None:
+        super().__init__()
+        self.fused, self.sizes = fused, sizes
+        self._x: torch.Tensor | None = None
+        self._parts: list[torch.Tensor | None] = []
+
+    def part(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._x or self._parts[i] is None:
+            self._x = x
+            self._parts = [y.contiguous() for y in self.fused(x).split(self.sizes, -1)]
+        y, self._parts[i] = self._parts[i], None
+        if all(p is None for p in self._parts):
+            self._x = None
+        assert y is not None
+        return y
+
+
+class SiblingLinear(nn.Module):
+    """One of `_Siblings`' projections, where the model expects an nn.Linear."""
+
+    def __init__(self, group: _Siblings, index: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = group.fused.in_features, group.sizes[index]
+        self.index = index
+        self._group = [group]   # a list: the group is registered once, by its parent
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group[0].part(self.index, x)
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _concat(mods: list[_QuantLinear]) -> _QuantLinear:
+    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in mods]
+    bias = torch.cat(biases) if any(m.bias is not None for m in mods) else None
+    if isinstance(mods[0], Int8Linear):
+        return Int8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]), bias)
+    return Int4Linear(torch.cat([m.nibbles for m in mods]), torch.cat([m.scale for m in mods]),
+                      torch.cat([m.zero for m in mods]), bias)
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Fuse every quantized sibling set (SIBLINGS) of `model` in place; returns how many."""
+    fused = 0
+    for parent in list(model.modules()):
+        for names in SIBLINGS:
+            mods = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, type(mods[0])) and isinstance(m, _QuantLinear) for m in mods):
+                continue
+            if len({m.in_features for m in mods}) != 1 or len({getattr(m, "group", 0) for m in mods}) != 1:
+                continue
+            group = _Siblings(_concat(mods), [m.out_features for m in mods])
+            parent.add_module("_".join(n.split("_")[0] for n in names) + "_fused", group)
+            for i, n in enumerate(names):
+                setattr(parent, n, SiblingLinear(group, i))
+            fused += 1
+    return fused
+
+
 # -- model-level: quantize once, cache, load --------------------------------------------------
 def _targets(model: nn.Module, lm_head: bool) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -204,4 +271,5 @@ def quantize_model(model: nn.Module, mode: str, cache: Path, source: str, lm_hea
             new = Int4Linear(tensors[f"{name}.nibbles"], tensors[f"{name}.scale"], tensors[f"{name}.zero"], old.bias)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
-    logger.info("quantized to %s in %.1f s", mode, time.perf_counter() - t0)
+    groups = fuse_siblings(model)
+    logger.info("quantized to %s in %.1f s (%d sibling groups fused)", mode, time.perf_counter() - t0, groups)
