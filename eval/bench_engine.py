@@ -218,7 +218,10 @@ for _ in range(16):
     kv, logits = e.runner.decode_step(kv, tok)
     tok = logits.argmax(-1).tolist()
 asyncio.run(e.close())
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child of a parent holding
+# three models would report the parent's peak.
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+print(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
