@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import statistics
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -145,6 +146,8 @@ class SimRow:
     quality: float
     arrival_s: float
     latency_s: float
+    est_service_s: float | None = None   # predicted admission -> answer: engine backlog + the plan's price
+    service_s: float | None = None       # admission -> answer
 
 
 def _rounds(plan: RagPlan, o: Outcome, settings: SimSettings) -> list[list[tuple[int, int, int]]]:
@@ -185,13 +188,14 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
     def at(when: float, fn: Callable[[float], None]) -> None:
         heapq.heappush(events, (when, next(seq), fn))
 
-    def run(q: SimQuery, plan: RagPlan, arrival: float, now: float, job_id: str | None) -> None:
+    def run(q: SimQuery, plan: RagPlan, arrival: float, now: float, job_id: str | None,
+            est_s: float | None = None) -> None:
         o = q.outcomes.get(plan) or q.outcomes[_nearest(plan, q.outcomes)]
         rounds = _rounds(plan, o, settings)
 
         def next_round(t: float, i: int = 0) -> None:
             if i == len(rounds):
-                rows.append(SimRow(q.query_id, plan, o.quality, arrival, t - arrival))
+                rows.append(SimRow(q.query_id, plan, o.quality, arrival, t - arrival, est_s, t - now))
                 if job_id is not None:
                     scheduler.release(job_id)
                     admit(t)
@@ -213,7 +217,7 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
     def admit(now: float) -> None:
         for d in scheduler.schedule(effective(now), now_s=now):
             q, arrival = pending.pop(d.job.id)
-            run(q, d.plan, arrival, now, d.job.id)
+            run(q, d.plan, arrival, now, d.job.id, d.backlog_s + d.cost.est_latency_s)
 
     running = [False]
 
@@ -270,6 +274,10 @@ def summarize(rows: Sequence[SimRow], slo_s: float | None = None) -> dict[str, A
     n = len(rows)
     out: dict[str, Any] = {"n": n, "quality": sum(r.quality for r in rows) / n,
                            "mean_s": sum(lat) / n, "p95_s": percentile(lat, 95)}
+    est = [abs(r.est_service_s - r.service_s) / r.service_s for r in rows
+           if r.est_service_s is not None and r.service_s]
+    if est:
+        out["service_est_median_abs_err"] = statistics.median(est)
     if slo_s is not None:
         ok = [r for r in rows if r.latency_s <= slo_s]
         span = max(r.arrival_s + r.latency_s for r in rows) - min(r.arrival_s for r in rows)

@@ -65,3 +65,14 @@ def test_summary_counts_slo_attainment_and_goodput():
     rows = simulate(queries(20), SimSystem("fixed:stuff:1", S1), 0.2, settings())
     out = summarize(rows, slo_s=10.0)
     assert out["n"] == 20 and out["slo_attainment"] == 1.0 and out["goodput_qps"] > 0
+
+
+def test_planned_rows_carry_the_predicted_and_the_simulated_service_time():
+    # priced with the sim's own prompt (200 + 10 + 40 = 250 tokens) and output (8 steps),
+    # a query alone is predicted exactly; fixed plans are not planned, so carry no estimate
+    rows = simulate(queries(1), SimSystem("tuned"), 0.01, settings(rule=TunedConfig(time_value=1.0)))
+    assert rows[0].plan == S1
+    assert rows[0].est_service_s == pytest.approx(rows[0].service_s, rel=0.02)
+    assert summarize(rows)["service_est_median_abs_err"] < 0.02
+    fixed = simulate(queries(1), SimSystem("fixed:stuff:1", S1), 0.01, settings())
+    assert fixed[0].est_service_s is None and "service_est_median_abs_err" not in summarize(fixed)
