@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 from ragserve.config import TunedConfig  # noqa: E402
 from ragserve.domain import EngineSpeeds, ModelSpec  # noqa: E402
 from ragserve.eval.quality_training import choose_adjust, cross_fit, retrieval_summaries, training_data  # noqa: E402
-from ragserve.eval.simulator import (SimSettings, SimSystem, fit_speeds, sim_queries, simulate,  # noqa: E402
-                                     summarize)
+from ragserve.eval.simulator import (SimSettings, SimSystem, fit_overhead_tokens, fit_speeds,  # noqa: E402
+                                     sim_queries, simulate, summarize)
 from ragserve.eval.report import percentile  # noqa: E402
 from ragserve.eval.tuning import read_profile  # noqa: E402
 
@@ -106,12 +106,14 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         gpu = EngineSpeeds(speeds.prefill_tok_s * 50, speeds.step_base_s / 10, speeds.step_base_s / 2000,
                            output_tokens=speeds.output_tokens)
         engines["gpu-whatif"] = (gpu, args.gpu_kv_tokens)
+    overhead = args.overhead_tokens if args.overhead_tokens is not None else fit_overhead_tokens(queries)
     grid = sorted({p for q in queries for p in q.outcomes}, key=str)
     points, info = [], {"dataset": meta.dataset, "num_queries": len(queries), "speeds": speeds.to_dict(),
+                        "overhead_tokens_per_call": overhead,
                         "kv_capacity_tokens": kv_tokens, "engines": {}, "quality_adjustment": adjustment}
     for engine_name, (sp, kv) in engines.items():
         settings = SimSettings(speeds=sp, kv_capacity_tokens=kv, model=model, answer_tokens=args.answer_tokens,
-                               overhead_tokens_per_call=args.overhead_tokens,
+                               overhead_tokens_per_call=overhead,
                                rule=TunedConfig(time_value=args.time_value, slack=args.slack))
         idle = {str(p): run_system(queries, SimSystem(f"fixed:{p}", p), 1e-4, settings, 1, None) for p in grid}
         best_fixed = max(idle, key=lambda k: (idle[k]["quality"], -idle[k]["mean_s"]))
@@ -304,7 +306,8 @@ def main() -> int:
     ap.add_argument("--kv-budget-mb", type=float, default=64.0)
     ap.add_argument("--dtype-bytes", type=int, default=4, help="KV bytes per value (4 = fp32 CPU, 2 = bf16)")
     ap.add_argument("--answer-tokens", type=int, default=64)
-    ap.add_argument("--overhead-tokens", type=int, default=90, help="per-call template tokens the planner prices")
+    ap.add_argument("--overhead-tokens", type=int, default=None,
+                    help="per-call template tokens the planner prices (default: fitted to each sweep's stuff prompts)")
     ap.add_argument("--time-value", type=float, default=TunedConfig().time_value)
     ap.add_argument("--slack", type=float, default=TunedConfig().slack)
     ap.add_argument("--reps", type=int, default=5, help="traces per point (shuffled order, new arrivals)")

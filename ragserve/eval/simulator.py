@@ -310,6 +310,19 @@ def fit_speeds(records: Sequence[Any]) -> EngineSpeeds:
     return EngineSpeeds(float(1.0 / per_token), float(step), float(0.1 * step), len(rows), len(rows), outputs)
 
 
+def fit_overhead_tokens(queries: Sequence[SimQuery]) -> int:
+    """The per-call template tokens that make the cost model's stuff prompts equal the swept
+    ones (median over every stuff record), as the live planner measures the template on its
+    engine: a guessed overhead biases every predicted service time."""
+    per_chunk = CostConfig().overhead_tokens_per_chunk
+    gaps = [o.prompt_tokens - q.question_tokens - sum(t + per_chunk for t in q.chunk_tokens[:p.num_chunks])
+            for q in queries for p, o in q.outcomes.items()
+            if p.method is Method.STUFF and p.num_chunks <= len(q.chunk_tokens)]
+    if not gaps:
+        raise ValueError("no stuff records to fit the template overhead from")
+    return max(0, round(statistics.median(gaps)))
+
+
 def sim_queries(records: Sequence[Any], retrieval: dict[str, dict[str, list]], predicted: dict[tuple[str, str], float],
                 header_tokens: int = 8) -> list[SimQuery]:
     """One SimQuery per swept query that has a record for every plan of its grid."""

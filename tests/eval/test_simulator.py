@@ -76,3 +76,13 @@ def test_planned_rows_carry_the_predicted_and_the_simulated_service_time():
     assert summarize(rows)["service_est_median_abs_err"] < 0.02
     fixed = simulate(queries(1), SimSystem("fixed:stuff:1", S1), 0.01, settings())
     assert fixed[0].est_service_s is None and "service_est_median_abs_err" not in summarize(fixed)
+
+
+def test_template_overhead_is_fitted_to_the_swept_prompts():
+    from ragserve.eval.simulator import fit_overhead_tokens
+    # question 10 + chunks of 100 (+ the cost model's 8-token header each) + a 40-token template
+    s2 = RagPlan(Method.STUFF, 2)
+    q = SimQuery("q", (100, 100), 10, {S1: Outcome(0.5, 158, 4, 1), s2: Outcome(0.5, 266, 4, 1)})
+    assert fit_overhead_tokens([q]) == 40
+    with pytest.raises(ValueError, match="no stuff records"):
+        fit_overhead_tokens([SimQuery("q", (100,), 10, {RagPlan(Method.MAP_RERANK, 1): Outcome(0.5, 158, 4, 1)})])
