@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="replay a Poisson workload of a dataset against fixed/adaptive/metis systems")
     _eval_common(e)
     e.add_argument("--systems", default="fixed,adaptive,metis",
-                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend, tuned")
+                   help="comma-separated: fixed (the whole --grid), fixed:<plan>, adaptive, metis, metis+blend, tuned, tuned+blend")
     e.add_argument("--grid", help="fixed plans, comma-separated METHOD:NUM_CHUNKS[:INTERMEDIATE] "
                                   "(default map_rerank:4,stuff:2,stuff:6,map_reduce:4:32)")
     e.add_argument("--rate", default="auto",

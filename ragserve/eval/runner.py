@@ -234,7 +234,7 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
         try:
             learned = _load_learned(cfg, rt.retriever.embedder)
             quality = None
-            if settings.quality and any(s.kind == "tuned" for s in runnable):
+            if settings.quality and any(s.tuned for s in runnable):
                 from ragserve.eval.quality_training import CrossFitModel
 
                 quality = {collection: CrossFitModel(settings.quality, datasets_root=settings.datasets_root)}

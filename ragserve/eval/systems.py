@@ -9,6 +9,11 @@
     tuned         the tuned controller (ragserve/tuned.py): predicted quality per plan from a
                   quality model (`--quality SWEEP_DIR`, cross-fitted so no query is planned by
                   a model that saw it) against measured service time and load
+    tuned+blend   tuned on the blending engine: stuff plans are priced at the prefill blending
+                  leaves (blend.ratio of their chunk tokens), so larger stuff plans fit the
+                  same latency budget. The
+                  quality model was fitted on unblended answers: what blending costs in quality
+                  is measured by the run, not predicted
 
 A fixed system has no planner (the plan is passed with each query); the others implement
 the controller's `QueryPlanner` protocol. Systems are only descriptions here; the runner builds
@@ -33,7 +38,7 @@ from ragserve.metis.rules import prune
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("fixed", "adaptive", "metis", "metis+blend", "tuned")
+KINDS = ("fixed", "adaptive", "metis", "metis+blend", "tuned", "tuned+blend")
 
 # The fixed grid of `fixed`: one plan per method at a small and a larger size, sized for
 # CPU engines: map_reduce with long summaries costs minutes per query on a CPU under load,
@@ -46,13 +51,17 @@ DEFAULT_FIXED_GRID: tuple[RagPlan, ...] = (
 
 @dataclass(frozen=True)
 class System:
-    name: str                   # "fixed:stuff:4" | "adaptive" | "metis" | "metis+blend"
+    name: str                   # "fixed:stuff:4" | "adaptive" | "metis" | "metis+blend" | "tuned" | "tuned+blend"
     kind: str                   # one of KINDS
     plan: RagPlan | None = None   # the fixed plan (kind fixed only)
 
     @property
     def blend(self) -> bool:
-        return self.kind == "metis+blend"
+        return self.kind.endswith("+blend")
+
+    @property
+    def tuned(self) -> bool:
+        return self.kind.startswith("tuned")
 
 
 def parse_grid(text: str | None) -> tuple[RagPlan, ...]:
@@ -66,7 +75,7 @@ def parse_grid(text: str | None) -> tuple[RagPlan, ...]:
 
 
 def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> list[System]:
-    """`fixed,adaptive,metis[,metis+blend]`; `fixed` expands to the grid, `fixed:<plan>`
+    """`fixed,adaptive,metis[,metis+blend],tuned[,tuned+blend]`; `fixed` expands to the grid, `fixed:<plan>`
     names one plan."""
     out: list[System] = []
     for item in (s.strip() for s in text.split(",")):
@@ -81,7 +90,7 @@ def parse_systems(text: str, grid: Sequence[RagPlan] = DEFAULT_FIXED_GRID) -> li
             out.append(System(item, item))
         else:
             raise BadInput(f"unknown system {item!r}; choose from fixed, fixed:<plan>, adaptive, "
-                           "metis, metis+blend, tuned")
+                           "metis, metis+blend, tuned, tuned+blend")
     names = [s.name for s in out]
     if not out or len(set(names)) != len(names):
         raise BadInput(f"systems {text!r} must name at least one system, each once")
@@ -112,7 +121,7 @@ def make_planner(system: System, engine: Any, config: Config,
     `quality`: quality models by collection for `tuned`."""
     if system.kind == "fixed":
         return None
-    if system.kind == "tuned":
+    if system.tuned:
         from ragserve.metis.tuned import TunedPlanner
 
         if not quality:

@@ -40,6 +40,10 @@ def test_blend_availability_and_config():
     lmcache = replace(vllm, vllm=VllmConfig(endpoints=(VllmEndpoint("http://x", "m", lmcache_blend=True),)))
     assert unavailable_reason(blend, lmcache) is None
     assert unavailable_reason(parse_systems("metis")[0], vllm) is None
+    tuned, tuned_blend = parse_systems("tuned,tuned+blend")
+    assert tuned.tuned and tuned_blend.tuned and tuned_blend.blend and not tuned.blend
+    assert system_config(tuned_blend, Config()).blend.enabled and not system_config(tuned, Config()).blend.enabled
+    assert "unavailable" in unavailable_reason(tuned_blend, vllm)
 
 
 class FakeEngine:
