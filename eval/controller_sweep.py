@@ -100,13 +100,13 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         speeds = measured_speeds(Path(args.speeds_from))
     model = ModelSpec(meta.model, *GEOMETRY[meta.model], args.dtype_bytes, 8192)
     kv_tokens = int(args.kv_budget_mb * 2**20 // model.kv_bytes_per_token)
+    overhead = args.overhead_tokens if args.overhead_tokens is not None else fit_overhead_tokens(queries, model)
     engines = {"cpu": (speeds, kv_tokens)}
     if args.gpu_whatif:
         # GPU-like: prefill ~50x, a decode step ~10x faster, extra rows nearly free; KV binds.
         gpu = EngineSpeeds(speeds.prefill_tok_s * 50, speeds.step_base_s / 10, speeds.step_base_s / 2000,
                            output_tokens=speeds.output_tokens)
         engines["gpu-whatif"] = (gpu, args.gpu_kv_tokens)
-    overhead = args.overhead_tokens if args.overhead_tokens is not None else fit_overhead_tokens(queries)
     grid = sorted({p for q in queries for p in q.outcomes}, key=str)
     points, info = [], {"dataset": meta.dataset, "num_queries": len(queries), "speeds": speeds.to_dict(),
                         "overhead_tokens_per_call": overhead,

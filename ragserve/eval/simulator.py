@@ -310,12 +310,12 @@ def fit_speeds(records: Sequence[Any]) -> EngineSpeeds:
     return EngineSpeeds(float(1.0 / per_token), float(step), float(0.1 * step), len(rows), len(rows), outputs)
 
 
-def fit_overhead_tokens(queries: Sequence[SimQuery]) -> int:
+def fit_overhead_tokens(queries: Sequence[SimQuery], model: ModelSpec) -> int:
     """The per-call template tokens that make the cost model's stuff prompts equal the swept
     ones (median over every stuff record), as the live planner measures the template on its
     engine: a guessed overhead biases every predicted service time."""
-    per_chunk = CostConfig().overhead_tokens_per_chunk
-    gaps = [o.prompt_tokens - q.question_tokens - sum(t + per_chunk for t in q.chunk_tokens[:p.num_chunks])
+    bare = CostModel(model, CostConfig(overhead_tokens_per_call=0))   # prices all but the template
+    gaps = [o.prompt_tokens - bare.estimate(p, q.chunk_tokens, q.question_tokens).prompt_tokens
             for q in queries for p, o in q.outcomes.items()
             if p.method is Method.STUFF and p.num_chunks <= len(q.chunk_tokens)]
     if not gaps:

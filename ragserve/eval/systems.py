@@ -11,9 +11,8 @@
                   a model that saw it) against measured service time and load
     tuned+blend   tuned on the blending engine: stuff plans are priced at the prefill blending
                   leaves (blend.ratio of their chunk tokens), so larger stuff plans fit the
-                  same latency budget. The
-                  quality model was fitted on unblended answers: what blending costs in quality
-                  is measured by the run, not predicted
+                  same latency budget. The quality model was fitted on unblended answers: what
+                  blending costs in quality is measured by the run, not predicted
 
 A fixed system has no planner (the plan is passed with each query); the others implement
 the controller's `QueryPlanner` protocol. Systems are only descriptions here; the runner builds

@@ -83,6 +83,6 @@ def test_template_overhead_is_fitted_to_the_swept_prompts():
     # question 10 + chunks of 100 (+ the cost model's 8-token header each) + a 40-token template
     s2 = RagPlan(Method.STUFF, 2)
     q = SimQuery("q", (100, 100), 10, {S1: Outcome(0.5, 158, 4, 1), s2: Outcome(0.5, 266, 4, 1)})
-    assert fit_overhead_tokens([q]) == 40
+    assert fit_overhead_tokens([q], QWEN) == 40
     with pytest.raises(ValueError, match="no stuff records"):
-        fit_overhead_tokens([SimQuery("q", (100,), 10, {RagPlan(Method.MAP_RERANK, 1): Outcome(0.5, 158, 4, 1)})])
+        fit_overhead_tokens([SimQuery("q", (100,), 10, {RagPlan(Method.MAP_RERANK, 1): Outcome(0.5, 158, 4, 1)})], QWEN)
