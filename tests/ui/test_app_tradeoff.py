@@ -66,7 +66,8 @@ def test_one_eval_run_has_the_reports_frontier(app):
 
 def test_filters_and_grouping_by_plan(app):
     at = app()
-    at.multiselect(key="tr_sources").set_value(BOTH)
+    # Render with both sets first: the filters' options (and keys) follow the chosen sets.
+    at.multiselect(key="tr_sources").set_value(BOTH).run()
     widget(at, "multiselect", "Method").set_value(["stuff"]).run()
     spec = figure(at)
     fixed = next(t for t in spec["data"] if t["name"] == "fixed plan")
