@@ -169,7 +169,8 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
         ref = next((p for p in out if p["source"] == "real" and p["system"] == f"fixed:{best}"
                     and p["rate_factor"] == float(factor) and p["dataset"] == meta["dataset"]), None)
         for p in out:
-            if ref is not None and p["source"] == "real" and p["rate_factor"] == float(factor):
+            if (ref is not None and p["source"] == "real" and p["rate_factor"] == float(factor)
+                    and p["dataset"] == meta["dataset"]):   # never pair across datasets
                 diffs = [p["per_query"][q] - ref["per_query"][q] for q in ref["per_query"] if q in p["per_query"]]
                 p["quality_diff_vs_best_fixed"] = float(np.mean(diffs))
                 p["quality_ci95"] = ci95(diffs)
