@@ -153,27 +153,27 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
             if line.strip():
                 r = json.loads(line)
                 rows.setdefault(r["system"], []).append(r)
-        slo_s = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("slo_s")
+        cpu = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {})
+        slo_s = cpu.get("slo_s")
+        run = []   # this run's points: each is paired with the run's own best fixed plan
         for name, rs in rows.items():
             lat = sorted(r["total_s"] for r in rs if r["total_s"] is not None)
             span = max(r["arrival_s"] + (r["total_s"] or 0) for r in rs) - min(r["arrival_s"] for r in rs)
             ok = sum(1 for r in rs if r["total_s"] is not None and slo_s is not None and r["total_s"] <= slo_s)
-            out.append({"dataset": meta["dataset"], "engine": "cpu", "rate_factor": float(factor),
+            run.append({"dataset": meta["dataset"], "engine": "cpu", "rate_factor": float(factor),
                         "rate_qps": meta["rate_qps"], "source": "real", "system": name, "n": len(rs),
                         "quality": float(np.mean([r["quality"] for r in rs])),
                         "per_query": {r["id"]: r["quality"] for r in rs}, "quality_ci95": None,
                         "mean_s": float(np.mean(lat)), "p95_s": percentile(lat, 95),
                         "slo_attainment": ok / len(rs) if slo_s else None,
                         "goodput_qps": ok / span if slo_s and span > 0 else None})
-        best = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {}).get("best_fixed")
-        ref = next((p for p in out if p["source"] == "real" and p["system"] == f"fixed:{best}"
-                    and p["rate_factor"] == float(factor) and p["dataset"] == meta["dataset"]), None)
-        for p in out:
-            if (ref is not None and p["source"] == "real" and p["rate_factor"] == float(factor)
-                    and p["dataset"] == meta["dataset"]):   # never pair across datasets
+        ref = next((p for p in run if p["system"] == f"fixed:{cpu.get('best_fixed')}"), None)
+        if ref is not None:
+            for p in run:
                 diffs = [p["per_query"][q] - ref["per_query"][q] for q in ref["per_query"] if q in p["per_query"]]
                 p["quality_diff_vs_best_fixed"] = float(np.mean(diffs))
                 p["quality_ci95"] = ci95(diffs)
+        out += run
     for p in out:
         p.pop("per_query", None)
     return out

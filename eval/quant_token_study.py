@@ -79,7 +79,7 @@ class DynamicInt8Linear(torch.nn.Module):
     def __init__(self, lin: torch.nn.Linear) -> None:
         super().__init__()
         w = lin.weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+        _, scale = quant.quantize_int8(w)   # the engine's per-channel scales
         qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
         bias = None if lin.bias is None else lin.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(qw, bias)
