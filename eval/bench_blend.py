@@ -271,11 +271,12 @@ def variant_config(spec: str, ratio: float) -> BlendConfig:
     return BlendConfig(**kw)
 
 
-def modes(ratios: list[float], variants: list[str], cheap: bool) -> list[tuple[str, str, float, BlendConfig | None]]:
+def modes(ratios: list[float], variants: list[str], cheap: bool,
+          prefix_cache: bool = True) -> list[tuple[str, str, float, BlendConfig | None]]:
     """(mode name, variant, ratio, config): full_prefill first (the reference), prefix_cache
-    unless cheap, then every variant at every ratio."""
+    unless cheap or turned off, then every variant at every ratio."""
     out: list[tuple[str, str, float, BlendConfig | None]] = [("full_prefill", "full_prefill", 1.0, None)]
-    if not cheap:
+    if not cheap and prefix_cache:
         out.append(("prefix_cache", "prefix_cache", 1.0, None))
     for spec in variants:
         v, _, own = spec.partition("@")   # "sink4@0.15/0.3": this variant at its own ratios
@@ -341,7 +342,7 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
                     ram_budget_bytes=int(args.ram_mb * 2**20))
     blender = Blender(model, store)
     eos = eos_ids(model, tok)
-    mode_list = modes(args.ratios, args.variants, args.cheap)
+    mode_list = modes(args.ratios, args.variants, args.cheap, args.prefix_cache)
     prefix_cache = PrefixCache()
     partial = stem.with_suffix(".partial.jsonl")   # one line per finished question: a killed run resumes
     rows: list[dict] = read_jsonl(partial) if partial.is_file() else []
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
         call = answer_call(q["question"], chunks, max_new, stop=("\n",))
         prompt = segment_call(tok, call)
         assert prompt is not None, "the answer prompt did not segment"
-        if not args.cheap and not prefix_cache.entries:   # a prefix cache's steady state holds the system prefix
+        if args.prefix_cache and not args.cheap and not prefix_cache.entries:   # a prefix cache's steady state holds the system prefix
             head_ids = prompt.token_ids[: prompt.segments[0].end]
             prefix_cache.add(head_ids, hf_prefill(model, head_ids).cache)
         pre = blender.precompute(prompt)
@@ -408,7 +409,7 @@ def run(args: argparse.Namespace, stem: Path) -> dict:
             row["modes"][name] = m
             logger.info("q%d %s %s ttft %.2fs kl %.3f %s", qi, d.name, name, res.ttft_s, m["kl"],
                         repr(m.get("answer", "")))
-        if not args.cheap:
+        if args.prefix_cache and not args.cheap:
             prefix_cache.add(prompt.token_ids, full_cache)
         full = row["modes"]["full_prefill"]
         for m in row["modes"].values():
@@ -581,6 +582,8 @@ def main() -> None:
     p.add_argument("--cheap", action="store_true",
                    help="prefill only: first-token KL and agreement, no decode (for iterating)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="skip the prefix_cache mode (a second full prefill per question)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--kv-dir", default=str(data_dir() / "kv"), help="disk tier of the chunk KV store")
     p.add_argument("--ram-mb", type=float, default=1024.0)
