@@ -137,7 +137,8 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
                                "quality_diff_vs_best_fixed": float(np.mean(diffs)),
                                "mean_s": res["mean_s"], "p95_s": res["p95_s"],
                                "slo_attainment": res["slo_attainment"], "goodput_qps": res["goodput_qps"],
-                               "service_est_err": res.get("service_est_median_abs_err")})
+                               "service_est_err": res.get("service_est_median_abs_err"),
+                               "service_est_bias": res.get("service_est_bias")})
     return points, info
 
 

@@ -185,6 +185,7 @@ class EngineSpeeds:
         decode_step_s(batch) = step_base_s + step_per_row_s * (batch - 1)
         output tokens of a call with tag t = the recent mean of that tag's calls, capped by
         its max_tokens (answers run far below their cap: squad ~8 of 64 tokens)
+        a call's decode wall time = its steps + prefill_pause_s per step
     """
 
     prefill_tok_s: float            # prompt tokens per second (batched prefill, recent mean)
@@ -194,17 +195,27 @@ class EngineSpeeds:
     num_steps: int = 0
     # Mean output tokens per call tag ("answer", "map", "reduce", ...), measured.
     output_tokens: Mapping[str, float] = field(default_factory=dict)
+    # Recent calls' prefill pause per decode step: an engine that pauses its running batch for
+    # every prefill it admits stretches each call's decode by the prefills admitted meanwhile.
+    # 0 where the step times already include them (vLLM's are timed between a call's tokens).
+    prefill_pause_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prefill_tok_s <= 0 or self.step_base_s <= 0 or self.step_per_row_s < 0:
             raise ValueError(f"speeds prefill_tok_s={self.prefill_tok_s} step_base_s={self.step_base_s} "
                              f"step_per_row_s={self.step_per_row_s}: rates must be > 0, the slope >= 0")
+        if self.prefill_pause_s < 0:
+            raise ValueError(f"speeds prefill_pause_s={self.prefill_pause_s} must be >= 0")
 
     def prefill_s(self, tokens: float) -> float:
         return tokens / self.prefill_tok_s
 
     def decode_step_s(self, batch: float) -> float:
         return self.step_base_s + self.step_per_row_s * max(0.0, batch - 1)
+
+    def decode_s(self, steps: float, batch: float) -> float:
+        """Wall time of `steps` decode steps at `batch` rows, with the recent prefill pauses."""
+        return steps * (self.decode_step_s(batch) + self.prefill_pause_s)
 
     @property
     def decode_tok_s(self) -> float:
@@ -222,14 +233,16 @@ class EngineSpeeds:
                 "decode_tok_s": round(self.decode_tok_s, 3),
                 "step_base_s": round(self.step_base_s, 5), "step_per_row_s": round(self.step_per_row_s, 5),
                 "num_prefills": self.num_prefills, "num_steps": self.num_steps,
-                "output_tokens": {k: round(v, 2) for k, v in sorted(self.output_tokens.items())}}
+                "output_tokens": {k: round(v, 2) for k, v in sorted(self.output_tokens.items())},
+                "prefill_pause_s": round(self.prefill_pause_s, 5)}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "EngineSpeeds":
         return cls(prefill_tok_s=float(raw["prefill_tok_s"]), step_base_s=float(raw["step_base_s"]),
                    step_per_row_s=float(raw["step_per_row_s"]), num_prefills=int(raw.get("num_prefills", 0)),
                    num_steps=int(raw.get("num_steps", 0)),
-                   output_tokens={str(k): float(v) for k, v in (raw.get("output_tokens") or {}).items()})
+                   output_tokens={str(k): float(v) for k, v in (raw.get("output_tokens") or {}).items()},
+                   prefill_pause_s=float(raw.get("prefill_pause_s", 0.0)))
 
 
 @dataclass(frozen=True)

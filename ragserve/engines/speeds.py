@@ -32,6 +32,7 @@ class SpeedTracker:
         self._prefills: deque[tuple[int, float]] = deque(maxlen=window)   # (tokens, seconds)
         self._steps: deque[tuple[int, float]] = deque(maxlen=window)      # (batch rows, seconds)
         self._outputs: dict[str, deque[int]] = {}
+        self._decodes: deque[tuple[float, float, int]] = deque(maxlen=window)   # (wall s, steps s, steps)
         self._window = window
         self._lock = threading.Lock()
         self._cached: EngineSpeeds | None = prior
@@ -46,6 +47,14 @@ class SpeedTracker:
         if batch > 0 and seconds > 0:
             with self._lock:
                 self._steps.append((batch, seconds))
+                self._cached = None
+
+    def record_decode(self, wall_s: float, steps_s: float, steps: int) -> None:
+        """A finished call's decode: first token to last, and the time and number of the steps
+        it rode in; the rest of its wall time it waited for other calls' prefills."""
+        if wall_s > 0 and steps > 0:
+            with self._lock:
+                self._decodes.append((wall_s, steps_s, steps))
                 self._cached = None
 
     def record_output(self, tag: str, tokens: int) -> None:
@@ -68,7 +77,16 @@ class SpeedTracker:
         if len(self._steps) >= _MIN_SAMPLES:
             base, slope = _fit_line(self._steps, p)
         outputs = {tag: sum(v) / len(v) for tag, v in self._outputs.items() if v}
-        return EngineSpeeds(prefill, base, slope, len(self._prefills), len(self._steps), outputs)
+        pause = p.prefill_pause_s
+        if len(self._decodes) >= _MIN_SAMPLES:
+            pause = prefill_pause(self._decodes)
+        return EngineSpeeds(prefill, base, slope, len(self._prefills), len(self._steps), outputs, pause)
+
+
+def prefill_pause(decodes) -> float:
+    """Seconds of other calls' prefill per decode step, over (wall s, steps s, steps) records."""
+    waited = sum(max(0.0, w - s) for w, s, _ in decodes)
+    return waited / max(1, sum(n for _, _, n in decodes))
 
 
 def _fit_line(steps: deque[tuple[int, float]], prior: EngineSpeeds) -> tuple[float, float]:

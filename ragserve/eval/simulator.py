@@ -12,7 +12,9 @@ What is real and what is modelled:
   qualities and token counts every plan got on every query (the sweep's records);
 - modelled (`SimEngine`): the embedded engine's loop - admit calls FCFS under the KV budget
   (prompt + max_tokens reserved per call), prefill what was admitted (the running batch
-  waits), then one decode step for the whole batch; times from `EngineSpeeds`. A call's
+  waits), then one decode step for the whole batch; times from `EngineSpeeds`, except the
+  prefill pause per decode step, which it measures from its own calls as the embedded engine
+  does. A call's
   prompt and output lengths are its record's (per call: the record's totals split over its
   calls).
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ragserve.config import TunedConfig
+from ragserve.engines.speeds import prefill_pause
 from ragserve.eval.report import percentile
 from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.domain import EngineSpeeds, EngineStats, Method, ModelSpec, RagPlan
@@ -58,14 +61,19 @@ class _Call:
     output: int
     reserve: int
     done: Callable[[float], None]
+    tag: str = "stuff"
     produced: int = 0
+    first_token_s: float = 0.0   # when its prefill ended
+    steps_s: float = 0.0         # time of the decode steps it rode in
 
 
 class SimEngine:
     """The embedded engine's step loop as a model (see the module docstring)."""
 
     def __init__(self, speeds: EngineSpeeds, kv_capacity_tokens: int, max_batch: int = 16) -> None:
-        self.speeds = speeds
+        self.speeds = replace(speeds, prefill_pause_s=0.0)   # measured here, not given
+        self._decodes: deque[tuple[float, float, int]] = deque(maxlen=256)   # (wall s, steps s, steps)
+        self._outputs: dict[str, deque[int]] = {}   # per call tag, as SpeedTracker keeps them
         self.kv_capacity_tokens = kv_capacity_tokens
         self.max_batch = max_batch
         self.waiting: deque[_Call] = deque()
@@ -82,8 +90,14 @@ class SimEngine:
         """As the embedded engine reports it at `now`: a prefill in progress counts as queued."""
         steps = max((c.output - c.produced for c in self.running), default=0)
         prefilling = self._prefilling if now < self._prefill_end else 0
+        speeds = self.speeds
+        if len(self._decodes) >= 4:
+            speeds = replace(speeds, prefill_pause_s=prefill_pause(self._decodes))
+        if self._outputs:
+            speeds = replace(speeds, output_tokens={**speeds.output_tokens,
+                                                    **{t: sum(v) / len(v) for t, v in self._outputs.items()}})
         return EngineStats(self.kv_capacity_tokens, self.kv_used, len(self.running), len(self.waiting),
-                           speeds=self.speeds,
+                           speeds=speeds,
                            queued_prefill_tokens=prefilling + sum(c.prompt for c in self.waiting),
                            decode_steps_left=steps)
 
@@ -108,15 +122,21 @@ class SimEngine:
             self._prefill_end = t
             # the prefill samples the first token; `output` steps follow (the rest and the end
             # token, which the engine samples but does not count)
+            for c in admitted:
+                c.first_token_s = t
             self.running += admitted
         if self.running:
-            t += self.speeds.decode_step_s(len(self.running))
+            step = self.speeds.decode_step_s(len(self.running))
+            t += step
             for c in self.running:
                 c.produced += 1
+                c.steps_s += step
         done = [c for c in self.running if c.produced >= c.output]
         self.running = [c for c in self.running if c.produced < c.output]
         for c in done:
             self.kv_used -= c.reserve
+            self._decodes.append((t - c.first_token_s, c.steps_s, c.produced))
+            self._outputs.setdefault(c.tag, deque(maxlen=256)).append(c.output)
             c.done(t)
         return t
 
@@ -150,20 +170,21 @@ class SimRow:
     service_s: float | None = None       # admission -> answer
 
 
-def _rounds(plan: RagPlan, o: Outcome, settings: SimSettings) -> list[list[tuple[int, int, int]]]:
-    """The plan's engine submissions as rounds of (prompt, output, reserve) per call."""
+def _rounds(plan: RagPlan, o: Outcome, settings: SimSettings) -> list[list[tuple[int, int, int, str]]]:
+    """The plan's engine submissions as rounds of (prompt, output, reserve, tag) per call; tags
+    as `ragserve.synthesis` gives them, so outputs are measured per tag as the engines do."""
     n = max(1, o.num_calls)
     prompt, out = max(1, o.prompt_tokens // n), max(1, o.output_tokens // n)
     ans = settings.answer_tokens
     inter = plan.intermediate_tokens or ans
     if plan.method is Method.STUFF:
-        return [[(o.prompt_tokens, max(1, o.output_tokens), o.prompt_tokens + ans)]]
+        return [[(o.prompt_tokens, max(1, o.output_tokens), o.prompt_tokens + ans, "stuff")]]
     if plan.method is Method.MAP_RERANK:
-        return [[(prompt, out, prompt + ans)] * n]
+        return [[(prompt, out, prompt + ans, "map_rerank")] * n]
     if plan.method is Method.MAP_REDUCE:
         maps = n - 1 or 1
-        return [[(prompt, out, prompt + inter)] * maps, [(prompt, out, prompt + ans)]]
-    return [[(prompt, out, prompt + ans)] for _ in range(n)]
+        return [[(prompt, out, prompt + inter, "map")] * maps, [(prompt, out, prompt + ans, "reduce")]]
+    return [[(prompt, out, prompt + ans, "refine")] for _ in range(n)]
 
 
 def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, settings: SimSettings,
@@ -206,7 +227,7 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
                 left[0] -= 1
                 if left[0] == 0:
                     next_round(t_done, i + 1)
-            engine.submit([_Call(p, out, res, one_done) for p, out, res in rounds[i]])
+            engine.submit([_Call(p, out, res, one_done, tag) for p, out, res, tag in rounds[i]])
             kick(t)
         next_round(now)
 
@@ -274,10 +295,12 @@ def summarize(rows: Sequence[SimRow], slo_s: float | None = None) -> dict[str, A
     n = len(rows)
     out: dict[str, Any] = {"n": n, "quality": sum(r.quality for r in rows) / n,
                            "mean_s": sum(lat) / n, "p95_s": percentile(lat, 95)}
-    est = [abs(r.est_service_s - r.service_s) / r.service_s for r in rows
-           if r.est_service_s is not None and r.service_s]
-    if est:
-        out["service_est_median_abs_err"] = statistics.median(est)
+    timed = [r for r in rows if r.est_service_s is not None and r.service_s]
+    if timed:
+        out["service_est_median_abs_err"] = statistics.median(abs(r.est_service_s - r.service_s) / r.service_s
+                                                              for r in timed)
+        # bias: the mean estimate over the mean actual (per-query ratios drown in output-length noise)
+        out["service_est_bias"] = sum(r.est_service_s for r in timed) / sum(r.service_s for r in timed)
     if slo_s is not None:
         ok = [r for r in rows if r.latency_s <= slo_s]
         span = max(r.arrival_s + r.latency_s for r in rows) - min(r.arrival_s for r in rows)

@@ -23,6 +23,8 @@ batch it decodes in (the rows already running plus the round's calls). With meas
 `EngineSpeeds` (from the engine's stats) prefill rate, step time and the expected output per
 call tag are the engine's recent figures; without them the config's prior rates and the
 output caps (a worst case). Outputs feed the next round at their expected length too.
+Every decode step adds the engine's measured `EngineSpeeds.prefill_pause_s`: under load the
+embedded engine pauses its running batch for each prefill it admits.
 With CacheBlend a stuff call prefills only `blend_prefill_fraction` of its chunk tokens (the
 KV held is unchanged), so its estimated latency drops and an SLO admits larger stuff plans.
 """
@@ -124,8 +126,8 @@ class CostModel:
         """A copy with the given rates (None keeps the current one)."""
         s = self.speeds
         step = 1.0 / decode_tok_s if decode_tok_s else s.step_base_s
-        speeds = EngineSpeeds(prefill_tok_s or s.prefill_tok_s, step, s.step_per_row_s * step / s.step_base_s,
-                              s.num_prefills, s.num_steps, s.output_tokens)
+        speeds = replace(s, prefill_tok_s=prefill_tok_s or s.prefill_tok_s, step_base_s=step,
+                         step_per_row_s=s.step_per_row_s * step / s.step_base_s)
         return CostModel(self.model, self.config, speeds, self.running_rows)
 
     def estimate(self, plan: RagPlan, chunk_token_counts: Sequence[int], question_tokens: int,
@@ -165,14 +167,14 @@ class CostModel:
             output = ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
             work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
-            latency = work / rate + sp.expected_output("stuff", ans) * sp.decode_step_s(rows + 1)
+            latency = work / rate + sp.decode_s(sp.expected_output("stuff", ans), rows + 1)
         elif method is _MAP_RERANK:
             prompt = n * base + total_chunks
             kv = prompt + n * ans                       # the fan-out is resident together
             max_call = base + largest + ans
             output = n * ans
             # one batch: it decodes until its longest answer ends
-            latency = prompt / rate + sp.expected_output("map_rerank", ans) * sp.decode_step_s(rows + n)
+            latency = prompt / rate + sp.decode_s(sp.expected_output("map_rerank", ans), rows + n)
         elif method is _MAP_REDUCE:
             maps = n * base + total_chunks
             reduce_prompt = base + n * (inter + chunks.per_chunk)   # summaries, as passages
@@ -182,8 +184,8 @@ class CostModel:
             output = n * inter + ans
             summary = sp.expected_output("map", inter)
             reduce_work = reduce_prompt - n * (inter - summary)   # summaries at their expected length
-            latency = (maps / rate + summary * sp.decode_step_s(rows + n)
-                       + reduce_work / rate + sp.expected_output("reduce", ans) * sp.decode_step_s(rows + 1))
+            latency = (maps / rate + sp.decode_s(summary, rows + n)
+                       + reduce_work / rate + sp.decode_s(sp.expected_output("reduce", ans), rows + 1))
         elif method is _REFINE:
             # each call sees the previous answer (capped at I); the last one writes the answer
             outs = [inter] * (n - 1) + [ans]
@@ -191,10 +193,9 @@ class CostModel:
             kv = max_call = max(p + o for p, o in zip(prompts, outs))
             prompt = sum(prompts)
             output = sum(outs)
-            step = sp.decode_step_s(rows + 1)
             mid = sp.expected_output("refine", inter)
             last = sp.expected_output("refine", ans)
-            latency = prompt / rate + ((n - 1) * mid + last) * step
+            latency = prompt / rate + sp.decode_s((n - 1) * mid + last, rows + 1)
         else:  # pragma: no cover - Method is closed
             raise AssertionError(method)
         if method is not _STUFF:

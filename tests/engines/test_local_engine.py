@@ -128,3 +128,25 @@ def test_model_is_called_with_the_current_cache_argument(smollm2_engine, monkeyp
     monkeypatch.setattr(model, "forward", recording)
     asyncio.run(smollm2_engine.generate([call(QUESTIONS[0], max_tokens=3)]))
     assert "cache" in seen and "past_key_values" not in seen
+
+
+def test_prefills_admitted_while_a_call_decodes_are_measured_as_its_pause():
+    from ragserve.engines.local.engine import LocalEngine
+
+    engine = LocalEngine(EngineConfig(model="smollm2"))
+    long_call = LLMCall(messages=(("user", "Count from 1 to 200, separated by commas."),), max_tokens=48)
+
+    async def run():
+        first = asyncio.ensure_future(engine.generate([long_call]))
+        while engine.stats().speeds.num_steps < 2:   # it is decoding now
+            await asyncio.sleep(0.005)
+        late = engine.generate([call(q, max_tokens=2) for q in QUESTIONS])
+        return await asyncio.gather(first, late)
+
+    try:
+        (long_result,), _ = asyncio.run(run())
+        speeds = engine.stats().speeds
+    finally:
+        asyncio.run(engine.close())
+    assert long_result.output_tokens > 8   # still decoding when the late calls were prefilled
+    assert speeds.prefill_pause_s > 0

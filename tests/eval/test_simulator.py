@@ -49,6 +49,21 @@ def test_engine_model_admits_under_kv_and_batches_decode():
     assert len(done) == 3
 
 
+def test_engine_model_measures_prefill_pauses_and_outputs_per_tag_as_the_engines_do():
+    from ragserve.eval.simulator import _Call
+    engine = SimEngine(SPEEDS, kv_capacity_tokens=100_000)
+    done, t = [], 0.0
+    for _ in range(4):   # each call decodes 2 steps; the next one's 1 s prefill lands between them
+        engine.submit([_Call(200, 2, 300, done.append, "map_rerank")])
+        t = engine.step(t)
+    while not engine.idle:
+        t = engine.step(t)
+    s = engine.stats(t).speeds
+    assert s.output_tokens["map_rerank"] == 2.0 and s.output_tokens["stuff"] == 8.0
+    # calls 1-3 waited out one 1 s prefill each over their 2 steps; call 4 decoded alone
+    assert s.prefill_pause_s == pytest.approx(3 * 1.0 / 8)
+
+
 def test_latency_grows_with_load_and_the_tuned_rule_sheds_it():
     qs = queries(60)
     fixed4 = [summarize(simulate(qs, SimSystem("fixed:stuff:4", S4), r, settings())) for r in (0.1, 0.5)]

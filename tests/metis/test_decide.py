@@ -74,6 +74,23 @@ def test_the_window_forgets_old_measurements():
     assert t.speeds().prefill_tok_s == pytest.approx(300.0)
 
 
+def test_tracker_measures_the_prefill_pause_per_decode_step():
+    t = SpeedTracker(EngineSpeeds(100.0, 0.2, 0.0))
+    t.record_decode(2.0, 1.0, 10)          # 10 steps of 0.1 s; waited 1 s for others' prefills
+    assert t.speeds().prefill_pause_s == 0.0   # fewer samples than the minimum: the prior
+    for _ in range(3):
+        t.record_decode(1.0, 1.0, 10)      # decoded alone
+    assert t.speeds().prefill_pause_s == pytest.approx(1.0 / 40)
+
+
+def test_speeds_round_trip_and_reject_a_negative_pause():
+    s = EngineSpeeds(100.0, 0.2, 0.02, 4, 4, {"stuff": 6.0}, prefill_pause_s=0.05)
+    assert EngineSpeeds.from_dict(s.to_dict()) == s
+    assert s.decode_s(10, 1) == pytest.approx(10 * (0.2 + 0.05))
+    with pytest.raises(ValueError, match="prefill_pause_s"):
+        EngineSpeeds(100.0, 0.2, 0.02, prefill_pause_s=-0.1)
+
+
 # -- timed cost ----------------------------------------------------------------------------
 def test_timed_cost_prices_measured_prefill_and_expected_output():
     cm = make_cost_model().timed(SPEEDS)
@@ -82,6 +99,14 @@ def test_timed_cost_prices_measured_prefill_and_expected_output():
     assert c.est_latency_s == pytest.approx(430 / 200 + 8 * 0.1)
     busy = make_cost_model().timed(SPEEDS, running_rows=5).estimate(stuff(2), [200, 200], 10)
     assert busy.est_latency_s == pytest.approx(430 / 200 + 8 * (0.1 + 5 * 0.01))
+
+
+def test_timed_cost_adds_the_measured_prefill_pause_to_every_decode_step():
+    from dataclasses import replace
+
+    loaded = replace(SPEEDS, prefill_pause_s=0.3)
+    c = make_cost_model().timed(loaded).estimate(stuff(2), [200, 200], 10)
+    assert c.est_latency_s == pytest.approx(430 / 200 + 8 * (0.1 + 0.3))
 
 
 def test_map_rerank_decodes_its_fan_out_as_one_larger_batch():

@@ -45,6 +45,8 @@ class _Request:
     submit_t: float = field(default_factory=time.perf_counter)
     admit_t: float = 0.0
     first_t: float = 0.0
+    steps_s: float = 0.0                      # time of the decode steps it rode in
+    num_steps: int = 0
     output: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
@@ -358,7 +360,11 @@ class LocalEngine:
         t0 = time.perf_counter()
         self._kv, logits = self.runner.decode_step(self._kv, [r.output[-1] for r in self._running],
                                                    [r.steer for r in self._running])
-        self.speeds.record_step(len(self._running), time.perf_counter() - t0)
+        step_s = time.perf_counter() - t0
+        self.speeds.record_step(len(self._running), step_s)
+        for r in self._running:
+            r.steps_s += step_s
+            r.num_steps += 1
         self._emit(self._running, logits)
 
     def _emit(self, rows: list[_Request], logits) -> None:
@@ -397,6 +403,8 @@ class LocalEngine:
         end = time.perf_counter()
         for r in done:
             self.speeds.record_output(r.call.tag, len(r.output))
+            # steps after the first token (sampled by the prefill); the rest waited for prefills
+            self.speeds.record_decode(end - r.first_t, r.steps_s, r.num_steps)
             result = LLMResult(text=r.text.strip(), prompt_tokens=len(r.prompt), output_tokens=len(r.output),
                                ttft_s=r.first_t - r.submit_t, total_s=end - r.submit_t,
                                queue_s=r.admit_t - r.submit_t,
