@@ -3,7 +3,9 @@
 Simulated points (source "sim") replay Poisson traces of a sweep's queries through the real
 scheduler and decision rule (ragserve/eval/simulator.py) with the sweep's measured quality per
 (query, plan), cross-fitted quality predictions, and engine speeds fitted to the sweep's idle
-latencies. Real points (source "real") are read from `ragserve eval` result dirs (--real).
+latencies. Real points (source "real") are read from `ragserve eval` result dirs (--real);
+each is also replayed (source "replay"): its own arrivals, plans and token counts through the
+simulated engine at the speeds it measured, which checks the engine model alone.
 
     python eval/controller_sweep.py --profiles profiles/qwen/squad profiles/qwen/2wikimultihopqa \
         --out eval/results/controller_sweep [--real eval/results/tuned-squad-1.5x ...]
@@ -27,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ragserve.config import TunedConfig  # noqa: E402
-from ragserve.domain import EngineSpeeds, ModelSpec  # noqa: E402
+from ragserve.domain import EngineSpeeds, ModelSpec, RagPlan  # noqa: E402
 from ragserve.eval.quality_training import choose_adjust, cross_fit, retrieval_summaries, training_data  # noqa: E402
-from ragserve.eval.simulator import (SimSettings, SimSystem, fit_overhead_tokens, fit_speeds,  # noqa: E402
+from ragserve.eval.simulator import (Outcome, SimQuery, SimSettings, SimSystem, fit_overhead_tokens, fit_speeds,  # noqa: E402
                                      sim_queries, simulate, summarize)
 from ragserve.eval.report import percentile  # noqa: E402
 from ragserve.eval.tuning import read_profile  # noqa: E402
@@ -180,6 +182,47 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def replay_points(specs: list[str], args) -> list[dict[str, Any]]:
+    """Each real run's own trace through the simulated engine: the same arrivals, each query
+    with the plan the run gave it and the prompt and output tokens it got, at the speeds the
+    run measured. What is left of the real-vs-sim gap is the engine model's, not the sweep's
+    questions or another session's speeds."""
+    out = []
+    for spec in specs:
+        factor, _, d = spec.partition("=")
+        report = json.loads((Path(d) / "report.json").read_text())
+        meta = report["meta"]
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for line in (Path(d) / "rows.jsonl").read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r.get("error") is None and r.get("total_s") is not None:
+                    rows.setdefault(r["system"], []).append(r)
+        model = ModelSpec(meta["model"], *GEOMETRY[meta["model"]], args.dtype_bytes, 8192)
+        engine = meta.get("engine_config") or {}
+        kv_tokens = int(float(engine.get("kv_budget_mb", args.kv_budget_mb)) * 2**20 // model.kv_bytes_per_token)
+        for name, rs in rows.items():
+            speeds = (report["systems"].get(name) or {}).get("engine_speeds")
+            if not speeds:
+                continue
+            rs = sorted(rs, key=lambda r: r["arrival_s"])
+            queries = [SimQuery(r["id"], (), 0, {RagPlan.parse(r["plan"]): Outcome(
+                r["quality"], r["prompt_tokens"], r["output_tokens"], max(1, r.get("num_calls") or 1))})
+                for r in rs]
+            settings = SimSettings(speeds=EngineSpeeds.from_dict(speeds), kv_capacity_tokens=kv_tokens, model=model,
+                                   answer_tokens=int((meta.get("synthesis") or {}).get("answer_tokens", args.answer_tokens)),
+                                   max_batch=int(engine.get("max_batch_size", 16)))
+            sim = simulate(queries, SimSystem(name, replay=True), meta["rate_qps"], settings,
+                           arrivals=[r["arrival_s"] for r in rs])
+            lat = sorted(x.latency_s for x in sim)
+            out.append({"dataset": meta["dataset"], "engine": "cpu", "rate_factor": float(factor),
+                        "rate_qps": meta["rate_qps"], "source": "replay", "system": name, "n": len(sim),
+                        "quality": float(np.mean([x.quality for x in sim])), "quality_ci95": None,
+                        "mean_s": float(np.mean(lat)), "p95_s": percentile(lat, 95),
+                        "slo_attainment": None, "goodput_qps": None})
+    return out
+
+
 def targets(points: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str, Any]]:
     """The controller issue's targets, per dataset and engine, from the tuned system's points."""
     out = []
@@ -214,11 +257,14 @@ def targets(points: list[dict[str, Any]], info: dict[str, Any]) -> list[dict[str
 
 
 def validation(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each real point beside the simulated point at the same dataset, system and rate."""
+    """Each real point beside the simulated point at the same dataset, system and rate (the
+    sweep's queries, Poisson arrivals) and beside the replay of its own trace."""
     out = []
     for r in (p for p in points if p["source"] == "real"):
-        sim = next((p for p in points if p.get("at_real_rate") and p["dataset"] == r["dataset"]
-                    and p["system"] == r["system"] and p["rate_factor"] == r["rate_factor"]), None)
+        def match(p):
+            return p["dataset"] == r["dataset"] and p["system"] == r["system"] and p["rate_factor"] == r["rate_factor"]
+        sim = next((p for p in points if p.get("at_real_rate") and match(p)), None)
+        replay = next((p for p in points if p["source"] == "replay" and match(p)), None)
         if sim is None:
             continue
         err = sim["mean_s"] / r["mean_s"] - 1
@@ -226,7 +272,9 @@ def validation(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"dataset": r["dataset"], "rate_factor": r["rate_factor"], "system": r["system"],
                     "real_quality": r["quality"], "sim_quality": sim["quality"], "real_mean_s": r["mean_s"],
                     "sim_mean_s": sim["mean_s"], "mean_rel_error": err, "quality_rel_error": q_err,
-                    "within_15pct": abs(err) <= 0.15 and abs(q_err) <= 0.15})
+                    "within_15pct": abs(err) <= 0.15 and abs(q_err) <= 0.15,
+                    "replay_mean_s": replay["mean_s"] if replay else None,
+                    "replay_mean_rel_error": (replay["mean_s"] / r["mean_s"] - 1) if replay else None})
     return out
 
 
@@ -252,12 +300,17 @@ def write_md(path: Path, doc: dict[str, Any]) -> None:
     val = validation(doc["points"])
     if val:
         lines += ["## Simulator validation (real runs vs the simulator at the same rate)", "",
+                  "sim: the sweep's queries at the run's rate, Poisson arrivals. replay: the run's own trace "
+                  "(arrivals, plans, prompt and output tokens) at the speeds it measured, through the "
+                  "simulated engine alone.", "",
                   "| dataset | rate × | system | real quality | sim quality | real mean s | sim mean s | "
-                  "mean error | within 15% |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "mean error | within 15% | replay mean s | replay error |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
         for v in val:
+            rerr = "" if v["replay_mean_rel_error"] is None else f"{v['replay_mean_rel_error']:+.0%}"
             lines.append(f"| {v['dataset']} | {v['rate_factor']} | `{v['system']}` | {fmt(v['real_quality'])} | "
                          f"{fmt(v['sim_quality'])} | {fmt(v['real_mean_s'], 2)} | {fmt(v['sim_mean_s'], 2)} | "
-                         f"{v['mean_rel_error']:+.0%} | {v['within_15pct']} |")
+                         f"{v['mean_rel_error']:+.0%} | {v['within_15pct']} | {fmt(v['replay_mean_s'], 2)} | {rerr} |")
         lines.append("")
     lines += ["## Targets (tuned)", "",
               "| dataset | engine | rate × | tuned q | best fixed q | quality ok | fastest fixed at equal q | latency ratio | "
@@ -325,6 +378,7 @@ def main() -> int:
         points += p
         info[i["dataset"]] = i
     points += real_points(args.real, info)
+    points += replay_points(args.real, args)
     doc = {"command": "python " + " ".join(sys.argv), "points": points, "info": info,
            "targets": targets(points, info), "validation": validation(points),
            "note": ("Simulated points: Poisson traces of each sweep's queries (n = queries; quality = mean over "

@@ -145,6 +145,7 @@ class SimEngine:
 class SimSystem:
     name: str                      # "fixed:stuff:2" | "metis" | "tuned"
     plan: RagPlan | None = None    # fixed plans only
+    replay: bool = False           # each query runs the one plan it holds (what a real run chose)
 
 
 @dataclass(frozen=True)
@@ -188,13 +189,17 @@ def _rounds(plan: RagPlan, o: Outcome, settings: SimSettings) -> list[list[tuple
 
 
 def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, settings: SimSettings,
-             seed: int = 0) -> list[SimRow]:
-    """Replay a Poisson trace of `queries` (in order) at `rate_qps` through `system`."""
-    rng = random.Random(f"sim:{seed}")
-    arrivals, t = [], 0.0
-    for _ in queries:
-        t += rng.expovariate(rate_qps)
-        arrivals.append(t)
+             seed: int = 0, arrivals: Sequence[float] | None = None) -> list[SimRow]:
+    """Replay a Poisson trace of `queries` (in order) at `rate_qps` through `system`, or the
+    given `arrivals` (seconds, one per query: a real run's trace)."""
+    if arrivals is None:
+        rng = random.Random(f"sim:{seed}")
+        arrivals, t = [], 0.0
+        for _ in queries:
+            t += rng.expovariate(rate_qps)
+            arrivals.append(t)
+    elif len(arrivals) != len(queries):
+        raise ValueError(f"{len(arrivals)} arrivals for {len(queries)} queries")
     engine = SimEngine(settings.speeds, settings.kv_capacity_tokens, settings.max_batch)
     cost = CostModel(settings.model, CostConfig(answer_tokens=settings.answer_tokens,
                                                 overhead_tokens_per_call=settings.overhead_tokens_per_call),
@@ -258,8 +263,8 @@ def simulate(queries: Sequence[SimQuery], system: SimSystem, rate_qps: float, se
 
     def arrive(q: SimQuery, arrival: float) -> Callable[[float], None]:
         def fn(now: float) -> None:
-            if system.plan is not None:
-                run(q, system.plan, arrival, now, None)
+            if system.plan is not None or system.replay:
+                run(q, system.plan or next(iter(q.outcomes)), arrival, now, None)
                 return
             t = now + settings.decision_overhead_s
             stats = engine.stats(now)

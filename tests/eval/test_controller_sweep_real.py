@@ -36,3 +36,23 @@ def test_real_points_pair_within_their_dataset(tmp_path):
     assert points["squad", "tuned"]["quality_diff_vs_best_fixed"] == pytest.approx(1 / 3)
     assert points["2wikimultihopqa", "tuned"]["quality_diff_vs_best_fixed"] == pytest.approx(0.5)
     assert points["squad", "fixed:stuff:3"]["quality_ci95"] == pytest.approx(0.0)
+
+
+def test_replay_runs_a_real_trace_through_the_simulated_engine(tmp_path):
+    cs = _script()
+    d = tmp_path / "run"
+    d.mkdir()
+    speeds = {"prefill_tok_s": 100.0, "step_base_s": 0.1, "step_per_row_s": 0.0, "output_tokens": {"stuff": 4.0}}
+    (d / "report.json").write_text(json.dumps({
+        "meta": {"dataset": "squad", "model": "qwen", "rate_qps": 0.1, "engine_config": {"kv_budget_mb": 64.0},
+                 "synthesis": {"answer_tokens": 32}},
+        "systems": {"fixed:stuff:1": {"engine_speeds": speeds}}}))
+    # two queries 100 s apart, each alone on the engine: 200 tokens at 100 tok/s, then 4 steps
+    rows = [{"id": f"q{i}", "system": "fixed:stuff:1", "plan": "stuff:1", "quality": 0.5, "prompt_tokens": 200,
+             "output_tokens": 4, "num_calls": 1, "arrival_s": 100.0 * i, "total_s": 3.0, "error": None}
+            for i in range(2)]
+    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = type("Args", (), {"dtype_bytes": 4, "kv_budget_mb": 64.0, "answer_tokens": 64})()
+    (p,) = cs.replay_points([f"1.5={d}"], args)
+    assert p["source"] == "replay" and p["n"] == 2 and p["quality"] == 0.5
+    assert p["mean_s"] == pytest.approx(200 / 100 + 4 * 0.1)

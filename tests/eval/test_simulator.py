@@ -101,3 +101,12 @@ def test_template_overhead_is_fitted_to_the_swept_prompts():
     assert fit_overhead_tokens([q], QWEN) == 40
     with pytest.raises(ValueError, match="no stuff records"):
         fit_overhead_tokens([SimQuery("q", (100,), 10, {RagPlan(Method.MAP_RERANK, 1): Outcome(0.5, 158, 4, 1)})], QWEN)
+
+
+def test_given_arrivals_replace_the_poisson_trace_and_must_match_the_queries():
+    qs = queries(2)
+    rows = simulate(qs, SimSystem("fixed:stuff:1", S1), 1.0, settings(), arrivals=[5.0, 500.0])
+    assert [r.arrival_s for r in rows] == [5.0, 500.0]
+    assert rows[1].latency_s == pytest.approx(250 / 200 + 8 * 0.1)   # alone: the trace is far apart
+    with pytest.raises(ValueError, match="2 queries"):
+        simulate(qs, SimSystem("fixed:stuff:1", S1), 1.0, settings(), arrivals=[1.0])
