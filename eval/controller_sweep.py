@@ -182,6 +182,21 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+REPLAY_OVERHEAD = 48   # template tokens per call the replay prices; chunk sizes are what is left
+
+
+def replay_query(row: dict[str, Any], overhead: int) -> SimQuery:
+    """A real row as a one-plan SimQuery: its tokens, and chunk sizes that make the cost model's
+    prompt for that plan equal the row's (for the scheduler's KV price)."""
+    plan = RagPlan.parse(row["plan"])
+    calls = max(1, row.get("num_calls") or 1)
+    per_call = row["prompt_tokens"] / calls
+    chunks_per_call = plan.num_chunks if calls == 1 else 1
+    chunk = max(1, round((per_call - overhead) / chunks_per_call) - 8)   # 8: CostConfig's passage header
+    return SimQuery(row["id"], (chunk,) * plan.num_chunks, 0,
+                    {plan: Outcome(row["quality"], row["prompt_tokens"], row["output_tokens"], calls)})
+
+
 def replay_points(specs: list[str], args) -> list[dict[str, Any]]:
     """Each real run's own trace through the simulated engine: the same arrivals, each query
     with the plan the run gave it and the prompt and output tokens it got, at the speeds the
@@ -206,14 +221,14 @@ def replay_points(specs: list[str], args) -> list[dict[str, Any]]:
             if not speeds:
                 continue
             rs = sorted(rs, key=lambda r: r["arrival_s"])
-            queries = [SimQuery(r["id"], (), 0, {RagPlan.parse(r["plan"]): Outcome(
-                r["quality"], r["prompt_tokens"], r["output_tokens"], max(1, r.get("num_calls") or 1))})
-                for r in rs]
+            queries = [replay_query(r, REPLAY_OVERHEAD) for r in rs]
             settings = SimSettings(speeds=EngineSpeeds.from_dict(speeds), kv_capacity_tokens=kv_tokens, model=model,
                                    answer_tokens=int((meta.get("synthesis") or {}).get("answer_tokens", args.answer_tokens)),
-                                   max_batch=int(engine.get("max_batch_size", 16)))
-            sim = simulate(queries, SimSystem(name, replay=True), meta["rate_qps"], settings,
-                           arrivals=[r["arrival_s"] for r in rs])
+                                   overhead_tokens_per_call=REPLAY_OVERHEAD, max_batch=int(engine.get("max_batch_size", 16)))
+            # fixed plans went straight to the engine; tuned and metis through the scheduler's
+            # admission (KV reserved until the query ends), which is replayed with the one plan
+            system = SimSystem(name, replay=True) if name.startswith("fixed:") else SimSystem(name)
+            sim = simulate(queries, system, meta["rate_qps"], settings, arrivals=[r["arrival_s"] for r in rs])
             lat = sorted(x.latency_s for x in sim)
             out.append({"dataset": meta["dataset"], "engine": "cpu", "rate_factor": float(factor),
                         "rate_qps": meta["rate_qps"], "source": "replay", "system": name, "n": len(sim),

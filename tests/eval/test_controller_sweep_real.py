@@ -56,3 +56,16 @@ def test_replay_runs_a_real_trace_through_the_simulated_engine(tmp_path):
     (p,) = cs.replay_points([f"1.5={d}"], args)
     assert p["source"] == "replay" and p["n"] == 2 and p["quality"] == 0.5
     assert p["mean_s"] == pytest.approx(200 / 100 + 4 * 0.1)
+
+
+def test_a_replayed_row_is_priced_at_its_own_prompt_tokens():
+    from ragserve.metis.cost import CostConfig, CostModel
+    from tests.metis.factories import QWEN
+
+    cs = _script()
+    cost = CostModel(QWEN, CostConfig(overhead_tokens_per_call=cs.REPLAY_OVERHEAD))
+    for plan, calls, prompt in (("stuff:3", 1, 400), ("map_rerank:2", 2, 500)):
+        q = cs.replay_query({"id": "q", "plan": plan, "num_calls": calls, "prompt_tokens": prompt,
+                             "output_tokens": 5, "quality": 1.0}, cs.REPLAY_OVERHEAD)
+        (p,) = q.outcomes
+        assert abs(cost.estimate(p, q.chunk_tokens, q.question_tokens).prompt_tokens - prompt) <= 3
