@@ -13,10 +13,9 @@ What is real and what is modelled:
 - modelled (`SimEngine`): the embedded engine's loop - admit calls FCFS under the KV budget
   (prompt + max_tokens reserved per call), prefill what was admitted (the running batch
   waits), then one decode step for the whole batch; times from `EngineSpeeds`, except the
-  prefill pause per decode step, which it measures from its own calls as the embedded engine
-  does. A call's
-  prompt and output lengths are its record's (per call: the record's totals split over its
-  calls).
+  prefill pause per decode step and the output length per call tag, which it measures from
+  its own calls as the embedded engine does. A call's prompt and output lengths are its
+  record's (per call: the record's totals split over its calls).
 """
 from __future__ import annotations
 
