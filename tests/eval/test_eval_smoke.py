@@ -87,6 +87,8 @@ def test_tune_train_quality_and_the_tuned_system_end_to_end(data_dir, tmp_path):
                     "--out", str(sweep), "--reps", "1", "--folds", "2", "--rate-factors", "0.5",
                     "--real", f"0.5={out}"], check=True, cwd=tmp_path, timeout=600)
     doc = json.loads((tmp_path / "cs.json").read_text())
-    assert {p["source"] for p in doc["points"]} == {"sim", "real"}
+    assert {p["source"] for p in doc["points"]} == {"sim", "real", "replay"}
+    replay = [v for v in doc["validation"] if v["replay_mean_s"] is not None]
+    assert replay and all(v["replay_mean_s"] > 0 for v in replay)   # the real run's own trace, simulated
     assert {"dataset", "rate_factor", "source", "system", "n", "quality", "quality_ci95", "mean_s", "p95_s",
             "slo_attainment", "goodput_qps"} <= set(doc["points"][0])
