@@ -35,6 +35,7 @@ from ragserve.eval.simulator import (Outcome, SimQuery, SimSettings, SimSystem, 
                                      sim_queries, simulate, summarize)
 from ragserve.eval.report import percentile  # noqa: E402
 from ragserve.eval.tuning import read_profile  # noqa: E402
+from ragserve.metis.cost import CostConfig  # noqa: E402
 
 RATE_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 EQUAL_QUALITY = 0.01
@@ -144,18 +145,25 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
     return points, info
 
 
+def read_run(d: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """A `ragserve eval` result dir: its report and its rows by system."""
+    report = json.loads((Path(d) / "report.json").read_text())
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for line in (Path(d) / "rows.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows.setdefault(r["system"], []).append(r)
+    return report, rows
+
+
 def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     """Points from `ragserve eval` runs, given as FACTOR=DIR (the rate factor the run used);
     SLO = the simulated dataset's (3x the best fixed plan's unloaded mean latency)."""
     out = []
     for spec in specs:
         factor, _, d = spec.partition("=")
-        meta = json.loads((Path(d) / "report.json").read_text())["meta"]
-        rows: dict[str, list[dict[str, Any]]] = {}
-        for line in (Path(d) / "rows.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rows.setdefault(r["system"], []).append(r)
+        report, rows = read_run(d)
+        meta = report["meta"]
         cpu = info.get(meta["dataset"], {}).get("engines", {}).get("cpu", {})
         slo_s = cpu.get("slo_s")
         run = []   # this run's points: each is paired with the run's own best fixed plan
@@ -182,7 +190,7 @@ def real_points(specs: list[str], info: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-REPLAY_OVERHEAD = 48   # template tokens per call the replay prices; chunk sizes are what is left
+REPLAY_OVERHEAD = CostConfig().overhead_tokens_per_call   # the template the replay prices; chunks get the rest
 
 
 def replay_query(row: dict[str, Any], overhead: int) -> SimQuery:
@@ -192,7 +200,7 @@ def replay_query(row: dict[str, Any], overhead: int) -> SimQuery:
     calls = max(1, row.get("num_calls") or 1)
     per_call = row["prompt_tokens"] / calls
     chunks_per_call = plan.num_chunks if calls == 1 else 1
-    chunk = max(1, round((per_call - overhead) / chunks_per_call) - 8)   # 8: CostConfig's passage header
+    chunk = max(1, round((per_call - overhead) / chunks_per_call) - CostConfig().overhead_tokens_per_chunk)
     return SimQuery(row["id"], (chunk,) * plan.num_chunks, 0,
                     {plan: Outcome(row["quality"], row["prompt_tokens"], row["output_tokens"], calls)})
 
@@ -205,20 +213,16 @@ def replay_points(specs: list[str], args) -> list[dict[str, Any]]:
     out = []
     for spec in specs:
         factor, _, d = spec.partition("=")
-        report = json.loads((Path(d) / "report.json").read_text())
+        report, all_rows = read_run(d)
         meta = report["meta"]
-        rows: dict[str, list[dict[str, Any]]] = {}
-        for line in (Path(d) / "rows.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if r.get("error") is None and r.get("total_s") is not None:
-                    rows.setdefault(r["system"], []).append(r)
+        rows = {name: [r for r in rs if r.get("error") is None and r.get("total_s") is not None]
+                for name, rs in all_rows.items()}
         model = ModelSpec(meta["model"], *GEOMETRY[meta["model"]], args.dtype_bytes, 8192)
         engine = meta.get("engine_config") or {}
         kv_tokens = int(float(engine.get("kv_budget_mb", args.kv_budget_mb)) * 2**20 // model.kv_bytes_per_token)
         for name, rs in rows.items():
             speeds = (report["systems"].get(name) or {}).get("engine_speeds")
-            if not speeds:
+            if not speeds or not rs:
                 continue
             rs = sorted(rs, key=lambda r: r["arrival_s"])
             queries = [replay_query(r, REPLAY_OVERHEAD) for r in rs]

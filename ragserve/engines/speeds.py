@@ -18,7 +18,7 @@ from collections import deque
 from ragserve.domain import EngineSpeeds
 
 # Fewer samples than this and a figure keeps leaning on the prior.
-_MIN_SAMPLES = 4
+MIN_SAMPLES = 4
 
 
 class SpeedTracker:
@@ -26,8 +26,8 @@ class SpeedTracker:
     records, `stats()` reads from the event loop."""
 
     def __init__(self, prior: EngineSpeeds, window: int = 256) -> None:
-        if window < _MIN_SAMPLES:
-            raise ValueError(f"speed window={window} must be >= {_MIN_SAMPLES}")
+        if window < MIN_SAMPLES:
+            raise ValueError(f"speed window={window} must be >= {MIN_SAMPLES}")
         self.prior = prior
         self._prefills: deque[tuple[int, float]] = deque(maxlen=window)   # (tokens, seconds)
         self._steps: deque[tuple[int, float]] = deque(maxlen=window)      # (batch rows, seconds)
@@ -71,14 +71,14 @@ class SpeedTracker:
     def _fit(self) -> EngineSpeeds:
         p = self.prior
         prefill = p.prefill_tok_s
-        if len(self._prefills) >= _MIN_SAMPLES:
+        if len(self._prefills) >= MIN_SAMPLES:
             prefill = sum(t for t, _ in self._prefills) / sum(s for _, s in self._prefills)
         base, slope = p.step_base_s, p.step_per_row_s
-        if len(self._steps) >= _MIN_SAMPLES:
+        if len(self._steps) >= MIN_SAMPLES:
             base, slope = _fit_line(self._steps, p)
         outputs = {tag: sum(v) / len(v) for tag, v in self._outputs.items() if v}
         pause = p.prefill_pause_s
-        if len(self._decodes) >= _MIN_SAMPLES:
+        if len(self._decodes) >= MIN_SAMPLES:
             pause = prefill_pause(self._decodes)
         return EngineSpeeds(prefill, base, slope, len(self._prefills), len(self._steps), outputs, pause)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ragserve.config import TunedConfig
-from ragserve.engines.speeds import prefill_pause
+from ragserve.engines.speeds import MIN_SAMPLES, prefill_pause
 from ragserve.eval.report import percentile
 from ragserve.metis.cost import CostConfig, CostModel
 from ragserve.domain import EngineSpeeds, EngineStats, Method, ModelSpec, RagPlan
@@ -90,7 +90,7 @@ class SimEngine:
         steps = max((c.output - c.produced for c in self.running), default=0)
         prefilling = self._prefilling if now < self._prefill_end else 0
         speeds = self.speeds
-        if len(self._decodes) >= 4:
+        if len(self._decodes) >= MIN_SAMPLES:
             speeds = replace(speeds, prefill_pause_s=prefill_pause(self._decodes))
         if self._outputs:
             speeds = replace(speeds, output_tokens={**speeds.output_tokens,
