@@ -92,3 +92,17 @@ def test_tune_train_quality_and_the_tuned_system_end_to_end(data_dir, tmp_path):
     assert replay and all(v["replay_mean_s"] > 0 for v in replay)   # the real run's own trace, simulated
     assert {"dataset", "rate_factor", "source", "system", "n", "quality", "quality_ci95", "mean_s", "p95_s",
             "slo_attainment", "goodput_qps"} <= set(doc["points"][0])
+
+
+def test_eval_blend_system_is_timed_on_precomputed_chunk_kv(data_dir, tmp_path):
+    """metis+blend: the chunks its questions retrieve get their KV stored before the run
+    (untimed, as `ingest --precompute-kv` would), so no call prefills a chunk itself."""
+    out = tmp_path / "blend-eval"
+    assert main(["eval", "--dataset", "squad", "--systems", "metis+blend", "--num", "2", "--model", "smollm2",
+                 "--corpus-limit", "20", "--rate", "inf", "--warmup", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    s = json.loads((out / "report.json").read_text())["systems"]["metis+blend"]
+    assert s["num"] == 2 and s["num_errors"] == 0
+    pre = s["blend_precompute"]
+    assert pre["k"] >= 1 and 1 <= pre["chunks"] <= 2 * pre["k"] and pre["computed"] + pre["found"] >= pre["chunks"]
+    assert s["blend"]["segments_computed"] == 0

@@ -79,7 +79,8 @@ class LocalEngine:
         # -- CacheBlend -------------------------------------------------------------------
         self.blend_config = blend or BlendConfig()
         self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
-                               "prefill_token_equiv": 0.0, "fallbacks": 0, "refused_calls": 0}
+                               "prefill_token_equiv": 0.0, "fallbacks": 0, "refused_calls": 0,
+                               "segments_stored": 0, "segments_computed": 0}
         self.blender = self._make_blender() if self.blend_config.enabled else None
         self.blend_gate = BlendGate(self._kv_store(), self.blend_config) if self.blender is not None else None
         # -- end CacheBlend ----------------------------------------------------------------
@@ -349,6 +350,8 @@ class LocalEngine:
         c["reused_tokens"] += result.num_reused
         c["recomputed_tokens"] += result.num_recomputed
         c["prefill_token_equiv"] += result.compute_fraction * result.num_tokens
+        c["segments_stored"] += result.gather.num_ram + result.gather.num_disk
+        c["segments_computed"] += result.gather.num_computed   # not precomputed: prefilled in the call
         logger.info("blend %s: %d tokens, %d reused (%d ram, %d disk, %d computed), %d recomputed, "
                     "%.0f%% of a prefill's work", r.call.tag or "call", result.num_tokens, result.num_reused,
                     result.gather.num_ram, result.gather.num_disk, result.gather.num_computed,
