@@ -248,7 +248,7 @@ def variant_config(spec: str, ratio: float) -> BlendConfig:
     `sink<N>` (each chunk's first N tokens), `edge<N>` (first and last N), `mass<P>`
     (per-prompt ratio covering P% of the deviation, capped by the ratio), `layer<L>`
     (check layer L; with gradual: layers L..L+3)."""
-    kw: dict[str, Any] = {"ratio": ratio}
+    kw: dict[str, Any] = {"ratio": ratio, "sink_tokens": 0}   # single: LMCache's plain top-r
     for part in spec.split("+"):
         head = part.rstrip("0123456789")
         num = part[len(head):]

@@ -175,7 +175,7 @@ def test_zero_ratio_equals_concatenated_reused_kv(fp32, blender):
                                (CHUNK, rendered[mid:cut]), (SUFFIX, rendered[cut:])])
     assert [s.kind for s in prompt.segments] == [PREFIX, CHUNK, CHUNK, SUFFIX]   # no glue
     reused, _ = blender.gather(prompt)
-    result = blender.blend(prompt, BlendConfig(ratio=0.0), reused.clone())
+    result = blender.blend(prompt, BlendConfig(ratio=0.0, sink_tokens=0), reused.clone())
     suffix = prompt.segments[-1]
     assert result.num_recomputed == suffix.num_tokens
     rows = reused.reused
@@ -192,7 +192,7 @@ def test_zero_ratio_equals_concatenated_reused_kv(fp32, blender):
 
 # -- selection ------------------------------------------------------------------------------
 def test_single_mode_keeps_ratio_of_reused_plus_fresh(blender, prompt):
-    result = blender.blend(prompt, BlendConfig(ratio=0.15))
+    result = blender.blend(prompt, BlendConfig(ratio=0.15, sink_tokens=0))
     want = prompt.num_fresh_tokens + math.ceil(0.15 * prompt.num_reused_tokens)
     assert result.num_active == [(1, want)] and result.num_recomputed == want
     assert result.compute_fraction < 0.35

@@ -86,7 +86,7 @@ def test_gate_policy_follows_the_stored_verdict(tmp_path):
     store, config = fake_store(tmp_path), BlendConfig(enabled=True, ratio=0.15)
     save_verdict(store, verdict(config, 0.3, "good"))
     save_verdict(store, verdict(config, None, "bad"))
-    save_verdict(store, verdict(BlendConfig(sink_tokens=4), 0.1, "other"))
+    save_verdict(store, verdict(BlendConfig(sink_tokens=0), 0.1, "other"))
     assert load_verdict(store, "good").ratio == 0.3
     gate = BlendGate(store, config)
     assert gate.policy("good").ratio == 0.3 and gate.policy("good").source == "gate"
