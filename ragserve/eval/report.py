@@ -89,6 +89,42 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str = "quality") -> dict[str, Any]:
+    """Mean of a - b over the questions both answered (paired by id), with its normal 95% CI
+    half-width. Failed queries count as quality 0, as in `summarize`."""
+    by_id = {r["id"]: r[key] for r in b if r.get(key) is not None}
+    diffs = [r[key] - by_id[r["id"]] for r in a if r.get(key) is not None and r["id"] in by_id]
+    n = len(diffs)
+    mean = _mean(diffs)
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
+    return {"n": n, "mean": _r(mean), "ci95": _r(half)}
+
+
+def blend_comparison(rows_by_system: dict[str, list[dict[str, Any]]],
+                     summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each `X+blend` against `X` on the same questions: paired quality difference, mean
+    latency ratio, and the share of its prompt tokens the blending engine prefilled."""
+    out: dict[str, Any] = {}
+    for name, rows in rows_by_system.items():
+        base = name[: -len("+blend")] if name.endswith("+blend") else None
+        if base is None or base not in rows_by_system:
+            continue
+        s, b = summaries[name], summaries[base]
+        lat, base_lat = s["total_s"]["mean"], b["total_s"]["mean"]
+        counters = s.get("blend") or {}
+        reused, equiv = counters.get("reused_tokens"), counters.get("prefill_token_equiv")
+        prompt = sum(r["prompt_tokens"] for r in rows if not r.get("error"))
+        out[name] = {"vs": base, "quality_diff": paired_diff(rows, rows_by_system[base]),
+                     "mean_s": lat, "vs_mean_s": base_lat,
+                     "latency_ratio": _r(lat / base_lat, 3) if lat and base_lat else None,
+                     "blended_calls": counters.get("blended_calls"),
+                     "reused_share": _r(reused / prompt, 3) if reused is not None and prompt else None,
+                     # token-layers computed / a full prefill's, over all the system's prompt tokens
+                     "prefill_work_share": _r((prompt - counters["blended_tokens"] + equiv) / prompt, 3)
+                     if equiv is not None and "blended_tokens" in counters and prompt else None}
+    return out
+
+
 def pareto_frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
     """Names of the (name, latency, quality) points no other point dominates (latency <=
     and quality >=, one of them strictly), ordered by latency."""
@@ -119,7 +155,7 @@ def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> d
     if fixed:
         best = max(fixed, key=lambda n: (qual(n), -lat(n)))
         out["best_fixed"] = {"system": best, metric: qual(best), "mean_latency_s": lat(best)}
-    for name in ("metis", "metis+blend"):
+    for name in ("metis", "metis+blend", "tuned", "tuned+blend"):
         if name not in summaries or lat(name) is None:
             continue
         entry: dict[str, Any] = {metric: qual(name), "mean_latency_s": lat(name)}
@@ -285,9 +321,12 @@ def build_report(meta: dict[str, Any], rows_by_system: dict[str, list[dict[str, 
         if name in summaries and more:
             summaries[name].update(more)
     frontier = pareto_frontier((n, s["total_s"]["mean"], s["quality"]) for n, s in summaries.items())
-    return {"format_version": 1, "meta": {**meta, **environment()}, "systems": summaries,
-            "pareto_frontier": frontier, "headline": headline(summaries, "quality"),
-            "headline_f1": headline(summaries, "f1"), "unavailable": unavailable or {}}
+    report = {"format_version": 1, "meta": {**meta, **environment()}, "systems": summaries,
+              "pareto_frontier": frontier, "headline": headline(summaries, "quality"),
+              "headline_f1": headline(summaries, "f1"), "unavailable": unavailable or {}}
+    if blended := blend_comparison(rows_by_system, summaries):
+        report["blend_vs_unblended"] = blended
+    return report
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -309,7 +348,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         b = h["best_fixed"]
         lines.append(f"- best fixed plan: `{b['system']}` quality {fmt_num(b['quality'])}, "
                      f"{fmt_num(b['mean_latency_s'], 2)} s")
-    for name in ("metis", "metis+blend"):
+    for name in ("metis", "metis+blend", "tuned", "tuned+blend"):
         e = h.get(name)
         if not e:
             continue
@@ -331,6 +370,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{_speed(v['latency_speedup'])}")
     for name, why in report.get("unavailable", {}).items():
         lines.append(f"- `{name}`: {why}")
+    if blended := report.get("blend_vs_unblended"):
+        lines += ["", "## Blending (CacheBlend) against the same system unblended", "",
+                  "| system | vs | n | quality diff ± 95% CI | mean s | vs mean s | latency ratio | blended calls "
+                  "| prompt tokens reused | prefill work |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for name, c in blended.items():
+            d = c["quality_diff"]
+            lines.append(f"| `{name}` | `{c['vs']}` | {d['n']} | {fmt_num(d['mean'])} ± {fmt_num(d['ci95'])} | "
+                         f"{fmt_num(c['mean_s'], 2)} | {fmt_num(c['vs_mean_s'], 2)} | {fmt_num(c['latency_ratio'])} | "
+                         f"{fmt_num(c['blended_calls'])} | {fmt_num(c['reused_share'])} | {fmt_num(c['prefill_work_share'])} |")
     lines += ["", "Plots: `quality_vs_latency.png`" +
               (", `f1_vs_latency.png`" if meta.get("quality_metric", "f1") != "f1" else ""), ""]
     return "\n".join(lines)

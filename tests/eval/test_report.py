@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from ragserve.eval.report import headline, pareto_frontier, percentile, summarize, write_eval_report
+from ragserve.eval.report import (build_report, headline, paired_diff, pareto_frontier, percentile, render_markdown,
+                                  summarize, write_eval_report)
 from ragserve.eval.systems import System
 from tests.eval.factories import make_rows
 
@@ -94,3 +95,18 @@ def test_summarize_evals_tables_the_headlines(tmp_path):
     assert row["fixed_at_equal_quality"]["latency_ratio"] == pytest.approx(0.3)
     assert "0.30 (`fixed:stuff:6`)" in (tmp_path / "sum.md").read_text()
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_blend_systems_are_compared_with_their_unblended_selves():
+    tuned = make_rows("tuned", [0.5, 0.5, 1.0, 0.0], [4.0, 4.0, 4.0, 4.0])
+    blended = make_rows("tuned+blend", [0.5, 0.3, 1.0, 0.2], [2.0, 2.0, 2.0, 2.0])
+    d = paired_diff(blended, tuned)
+    assert d["n"] == 4 and d["mean"] == pytest.approx(0.0) and d["ci95"] == pytest.approx(1.96 * (0.08 / 3) ** 0.5 / 2, abs=1e-4)
+    counters = {"blended_calls": 4, "blended_tokens": 400, "reused_tokens": 300, "prefill_token_equiv": 100.0}
+    report = build_report({}, {"tuned": tuned, "tuned+blend": blended, "fixed:stuff:1": make_rows("fixed:stuff:1", [0.4], [1.0])},
+                          extra={"tuned+blend": {"blend": counters}})
+    c = report["blend_vs_unblended"]["tuned+blend"]
+    assert c["vs"] == "tuned" and c["latency_ratio"] == 0.5 and c["blended_calls"] == 4
+    assert c["reused_share"] == 0.75 and c["prefill_work_share"] == 0.25   # 400 prompt tokens, all blended
+    assert "tuned+blend" in report["headline"] and "blend_vs_unblended" not in build_report({}, {"tuned": tuned})
+    assert "| `tuned+blend` | `tuned` | 4 | 0.000 ± " in render_markdown(report)

@@ -78,7 +78,7 @@ class LocalEngine:
         self._steerer: "Steerer | None" = None
         # -- CacheBlend -------------------------------------------------------------------
         self.blend_config = blend or BlendConfig()
-        self.blend_counters = {"blended_calls": 0, "reused_tokens": 0, "recomputed_tokens": 0,
+        self.blend_counters = {"blended_calls": 0, "blended_tokens": 0, "reused_tokens": 0, "recomputed_tokens": 0,
                                "prefill_token_equiv": 0.0, "fallbacks": 0, "refused_calls": 0,
                                "segments_stored": 0, "segments_computed": 0}
         self.blender = self._make_blender() if self.blend_config.enabled else None
@@ -347,6 +347,7 @@ class LocalEngine:
     def _count_blend(self, r: _Request, result: Any) -> None:
         c = self.blend_counters
         c["blended_calls"] += 1
+        c["blended_tokens"] += result.num_tokens
         c["reused_tokens"] += result.num_reused
         c["recomputed_tokens"] += result.num_recomputed
         c["prefill_token_equiv"] += result.compute_fraction * result.num_tokens
