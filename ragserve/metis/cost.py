@@ -66,10 +66,13 @@ class CostConfig:
     """Share of a stuff prompt's chunk tokens that is prefilled. CacheBlend (blend.enabled)
     reuses stored chunk KV and recomputes only blend.ratio of it: the KV held is the same,
     the prefill work and time shrink. 1.0 = no blending."""
+    blend_min_tokens: int = 0
+    """The engine blends a stuff call only when its chunks hold at least this many tokens
+    (blend.min_tokens); a smaller one is prefilled whole and priced so."""
 
     def __post_init__(self) -> None:
         for name in ("overhead_tokens_per_call", "overhead_tokens_per_chunk", "answer_tokens",
-                     "default_intermediate_tokens"):
+                     "default_intermediate_tokens", "blend_min_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"cost {name}={getattr(self, name)} must be >= 0")
         if self.prefill_tok_s <= 0 or self.decode_tok_s <= 0:
@@ -166,7 +169,8 @@ class CostModel:
             kv = max_call = prompt + ans
             output = ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
-            work = base + math.ceil(total_chunks * cfg.blend_prefill_fraction)
+            frac = cfg.blend_prefill_fraction if total_chunks >= cfg.blend_min_tokens else 1.0
+            work = base + math.ceil(total_chunks * frac)
             latency = work / rate + sp.decode_s(sp.expected_output("stuff", ans), rows + 1)
         elif method is _MAP_RERANK:
             prompt = n * base + total_chunks

@@ -57,7 +57,8 @@ class PlannerSetup:
         cost = CostModel(model, CostConfig(answer_tokens=syn.answer_tokens,
                                            default_intermediate_tokens=syn.default_intermediate_tokens,
                                            overhead_tokens_per_call=template + INSTRUCTION_TOKENS,
-                                           blend_prefill_fraction=blend_fraction(config)))
+                                           blend_prefill_fraction=blend_fraction(config),
+                                           blend_min_tokens=config.blend.min_tokens))
         return cls(rules, cost, int(MAX_PIECES * rules.max_chunks_factor))
 
 

@@ -133,6 +133,13 @@ def test_blended_stuff_prefills_a_share_of_the_chunks_and_holds_the_same_kv():
     assert blended.est_latency_s < plain.est_latency_s
 
 
+def test_a_stuff_call_under_the_blend_minimum_is_priced_as_a_full_prefill():
+    small, large = RagPlan(Method.STUFF, 1), RagPlan(Method.STUFF, 3)
+    model = make_cost_model(blend_prefill_fraction=0.15, blend_min_tokens=256)
+    assert model.estimate(small, CHUNKS, Q).prefill_tokens == 30 + 100   # 100 chunk tokens < 256: not blended
+    assert model.estimate(large, CHUNKS, Q).prefill_tokens == 30 + math.ceil(600 * 0.15)
+
+
 def test_blending_does_not_change_map_plans():
     cost = make_cost_model(blend_prefill_fraction=0.15).estimate(RagPlan(Method.MAP_RERANK, 3), CHUNKS, Q)
     assert cost.prefill_tokens == cost.prompt_tokens
