@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from dataclasses import replace
@@ -33,7 +32,7 @@ from ragserve.domain import EngineSpeeds, ModelSpec, RagPlan  # noqa: E402
 from ragserve.eval.quality_training import choose_adjust, cross_fit, retrieval_summaries, training_data  # noqa: E402
 from ragserve.eval.simulator import (Outcome, SimQuery, SimSettings, SimSystem, fit_overhead_tokens, fit_speeds,  # noqa: E402
                                      sim_queries, simulate, summarize)
-from ragserve.eval.report import percentile  # noqa: E402
+from ragserve.eval.report import ci95, percentile  # noqa: E402
 from ragserve.eval.tuning import read_profile  # noqa: E402
 from ragserve.metis.cost import CostConfig  # noqa: E402
 
@@ -41,12 +40,6 @@ RATE_FACTORS = (0.25, 0.5, 1.0, 1.5, 2.0)
 EQUAL_QUALITY = 0.01
 # KV geometry of the registry models: (layers, KV heads, head dim).
 GEOMETRY = {"qwen": (24, 2, 64), "smollm2": (30, 3, 64)}
-
-
-def ci95(diffs: list[float]) -> float:
-    if len(diffs) < 2:
-        return float("nan")
-    return 1.96 * float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
 
 
 def run_system(queries, system, rate, settings, reps, slo_s):

@@ -89,15 +89,21 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def ci95(diffs: Sequence[float]) -> float:
+    """Half-width of the normal 95% CI of the mean of `diffs` (nan for fewer than 2)."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    mean = _mean(diffs)
+    return 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+
+
 def paired_diff(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], key: str = "quality") -> dict[str, Any]:
     """Mean of a - b over the questions both answered (paired by id), with its normal 95% CI
     half-width. Failed queries count as quality 0, as in `summarize`."""
     by_id = {r["id"]: r[key] for r in b if r.get(key) is not None}
     diffs = [r[key] - by_id[r["id"]] for r in a if r.get(key) is not None and r["id"] in by_id]
-    n = len(diffs)
-    mean = _mean(diffs)
-    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
-    return {"n": n, "mean": _r(mean), "ci95": _r(half)}
+    return {"n": len(diffs), "mean": _r(_mean(diffs)), "ci95": _r(ci95(diffs))}
 
 
 def blend_comparison(rows_by_system: dict[str, list[dict[str, Any]]],
@@ -136,6 +142,7 @@ def pareto_frontier(points: Iterable[tuple[str, float, float]]) -> list[str]:
 
 
 EQUAL_QUALITY_TOL = 0.01   # "equal F1" in the headline: within one point
+HEADLINE_SYSTEMS = ("metis", "metis+blend", "tuned", "tuned+blend")   # compared with the fixed plans
 
 
 def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> dict[str, Any]:
@@ -155,7 +162,7 @@ def headline(summaries: dict[str, dict[str, Any]], metric: str = "quality") -> d
     if fixed:
         best = max(fixed, key=lambda n: (qual(n), -lat(n)))
         out["best_fixed"] = {"system": best, metric: qual(best), "mean_latency_s": lat(best)}
-    for name in ("metis", "metis+blend", "tuned", "tuned+blend"):
+    for name in HEADLINE_SYSTEMS:
         if name not in summaries or lat(name) is None:
             continue
         entry: dict[str, Any] = {metric: qual(name), "mean_latency_s": lat(name)}
@@ -348,7 +355,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         b = h["best_fixed"]
         lines.append(f"- best fixed plan: `{b['system']}` quality {fmt_num(b['quality'])}, "
                      f"{fmt_num(b['mean_latency_s'], 2)} s")
-    for name in ("metis", "metis+blend", "tuned", "tuned+blend"):
+    for name in HEADLINE_SYSTEMS:
         e = h.get(name)
         if not e:
             continue

@@ -255,14 +255,18 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
                 checkpoint.save_calibration(settings.out, keys.plain, info)
                 workload = workload.with_rate(rate)
             first_engine = False
+            # The embedded engine's chunk KV, stored once for all of this engine's blending systems
+            # (an engine that does not blend, e.g. vLLM with LMCache, keeps its own store).
+            precomputed = None
+            if blend and getattr(rt.engine, "blender", None) is not None:
+                precomputed = await asyncio.to_thread(precompute_workload_kv, rt, collection, workload, spec,
+                                                      settings.doc_filter)
             for system in runnable:
                 if system.name in saved:
                     runs.append(saved[system.name])
                     continue
                 planner = make_planner(system, rt.engine, cfg, learned, quality)
                 controller = Controller(rt.engine, rt.retriever, cfg, planner=planner)
-                precomputed = None if not blend else await asyncio.to_thread(
-                    precompute_workload_kv, rt, collection, workload, spec, settings.doc_filter, planner)
                 counters_before = dict(getattr(rt.engine, "blend_counters", {}))   # the engine's are cumulative
                 try:
                     run = await run_system(controller, system, workload, collection, spec,
@@ -289,13 +293,13 @@ async def _run_all(settings: EvalSettings, config: Config, spec: DatasetSpec, wo
 
 
 def precompute_workload_kv(rt: Any, collection: str, workload: Workload, spec: DatasetSpec,
-                           doc_filter: bool, planner: Any) -> dict[str, Any]:
+                           doc_filter: bool) -> dict[str, Any]:
     """Store, untimed, the KV of the top-PRECOMPUTE_K chunks of every workload question, as
     `ragserve ingest --precompute-kv` stores a served collection's: a blending system is then
     timed on reuse, not on first prefills a served collection would not pay."""
     t0 = time.perf_counter()
     col = rt.retriever.collection(collection)
-    k = min(PRECOMPUTE_K, planner.max_chunks_needed if planner is not None else PRECOMPUTE_K, len(col))
+    k = min(PRECOMPUTE_K, len(col))
     chunks: dict[str, Any] = {}
     for item in workload.items:
         q = item.question
