@@ -27,6 +27,8 @@ Every decode step adds the engine's measured `EngineSpeeds.prefill_pause_s`: und
 embedded engine pauses its running batch for each prefill it admits.
 With CacheBlend a stuff call prefills only `blend_prefill_fraction` of its chunk tokens (the
 KV held is unchanged), so its estimated latency drops and an SLO admits larger stuff plans.
+A query may carry its own fraction (`blend_fraction=`): the engine's blend gate decides per
+collection, and a collection it refuses is prefilled whole.
 """
 from __future__ import annotations
 
@@ -135,25 +137,30 @@ class CostModel:
 
     def estimate(self, plan: RagPlan, chunk_token_counts: Sequence[int], question_tokens: int,
                  *, overhead_tokens_per_call: int | None = None,
-                 answer_tokens: int | None = None) -> PlanCost:
+                 answer_tokens: int | None = None, blend_fraction: float | None = None) -> PlanCost:
         """Price `plan` using the first `plan.num_chunks` of the ranked chunk token counts."""
         return self.estimate_many([plan], chunk_token_counts, question_tokens,
                                   overhead_tokens_per_call=overhead_tokens_per_call,
-                                  answer_tokens=answer_tokens)[0]
+                                  answer_tokens=answer_tokens, blend_fraction=blend_fraction)[0]
 
     def estimate_many(self, plans: Sequence[RagPlan], chunk_token_counts: Sequence[int],
                       question_tokens: int, *, overhead_tokens_per_call: int | None = None,
-                      answer_tokens: int | None = None) -> list[PlanCost]:
+                      answer_tokens: int | None = None, blend_fraction: float | None = None
+                      ) -> list[PlanCost]:
         """`estimate` for several plans of one query, sharing one prefix-sum pass over the
-        chunks (the scheduler prices every candidate of a job at once)."""
+        chunks (the scheduler prices every candidate of a job at once). `blend_fraction`
+        overrides `blend_prefill_fraction` for this query (None keeps it)."""
         cfg = self.config
         base = question_tokens + (cfg.overhead_tokens_per_call if overhead_tokens_per_call is None
                                   else overhead_tokens_per_call)
         ans = cfg.answer_tokens if answer_tokens is None else answer_tokens
+        frac = cfg.blend_prefill_fraction if blend_fraction is None else blend_fraction
+        if not 0 < frac <= 1:
+            raise BadInput(f"blend_fraction={frac} must be in (0, 1]")
         chunks = _RankedChunks(chunk_token_counts, cfg.overhead_tokens_per_chunk)
-        return [self._estimate(plan, chunks, base, ans) for plan in plans]
+        return [self._estimate(plan, chunks, base, ans, frac) for plan in plans]
 
-    def _estimate(self, plan: RagPlan, chunks: "_RankedChunks", base: int, ans: int) -> PlanCost:
+    def _estimate(self, plan: RagPlan, chunks: "_RankedChunks", base: int, ans: int, blend: float) -> PlanCost:
         n = plan.num_chunks
         if not 1 <= n <= len(chunks.counts):
             raise BadInput(f"plan {plan} needs {n} chunks; {len(chunks.counts)} retrieved")
@@ -169,7 +176,7 @@ class CostModel:
             kv = max_call = prompt + ans
             output = ans
             # blended: the chunks' stored KV is reused, only a share of it recomputed
-            frac = cfg.blend_prefill_fraction if total_chunks >= cfg.blend_min_tokens else 1.0
+            frac = blend if total_chunks >= cfg.blend_min_tokens else 1.0
             work = base + math.ceil(total_chunks * frac)
             latency = work / rate + sp.decode_s(sp.expected_output("stuff", ans), rows + 1)
         elif method is _MAP_RERANK:

@@ -118,7 +118,8 @@ class MetisPlanner:
         space = planner.plan(profile, len(hits))
         counts, question_tokens = await self._token_counts(collection, hits, question)
         self.retime()
-        job = Job.from_space(f"q{next(self._ids)}", space, counts, question_tokens, slo_s=slo_s)
+        job = Job.from_space(f"q{next(self._ids)}", space, counts, question_tokens, slo_s=slo_s,
+                             blend_fraction=collection_blend_fraction(self.engine, collection.name))
         decision = await self._admit(job)
         if self.feedback.record_query():
             self._spawn(self._golden_run(question, collection, hits, profile))
@@ -265,6 +266,19 @@ def blend_fraction(config: Config) -> float:
     if config.blend.enabled and config.engine.backend == "local":
         return max(config.blend.ratio, 0.01)
     return 1.0
+
+
+def collection_blend_fraction(engine: Any, collection: str) -> float | None:
+    """What the engine's blend gate prefills of a stuff call's chunk tokens for `collection`:
+    the ratio that passed, or all of them when the gate refused blending (priced at
+    blend.ratio, a refused collection's stuff plans would look several times cheaper than
+    they run). None: the engine has no gate (blending off, or vLLM); `blend_fraction(config)`
+    holds."""
+    policy_of = getattr(engine, "blend_policy", None)
+    policy = policy_of(collection) if policy_of is not None else None
+    if policy is None:
+        return None
+    return max(policy.ratio, 0.01) if policy.blend else 1.0
 
 
 TOKENIZER_PROBE_CHUNKS = 3   # chunks counted again to tell whether the engine tokenizes as the collection did

@@ -99,16 +99,18 @@ class Job:
     arrival_s: float = field(default_factory=time.monotonic)   # time.monotonic() clock
     profile: QueryProfile | None = field(default=None, compare=False)   # for the log only
     qualities: tuple[float, ...] = ()     # predicted quality per plan (tuned rule); () = none
+    blend_fraction: float | None = None   # share of stuff chunk tokens prefilled (the engine's blend
+                                          # policy for the collection); None = the cost model's
 
     @classmethod
     def from_space(cls, job_id: str, space: PlanSpace, chunk_token_counts: Sequence[int],
                    question_tokens: int, *, slo_s: float | None = None,
-                   arrival_s: float | None = None) -> "Job":
+                   arrival_s: float | None = None, blend_fraction: float | None = None) -> "Job":
         """A job for one query from the planner's output and the retrieved chunks."""
         return cls(job_id, space.plans, space.fallback, tuple(chunk_token_counts),
                    question_tokens, slo_s=slo_s,
                    arrival_s=time.monotonic() if arrival_s is None else arrival_s,
-                   profile=space.profile)
+                   profile=space.profile, blend_fraction=blend_fraction)
 
 
 @dataclass(frozen=True)
@@ -255,7 +257,8 @@ class Scheduler:
         counts, q = job.chunk_token_counts, job.question_tokens
         max_context = self.cost_model.model.max_context
         one = RagPlan(job.fallback, 1)
-        *costs, min_cost = self.cost_model.estimate_many(job.plans + (one,), counts, q)
+        *costs, min_cost = self.cost_model.estimate_many(job.plans + (one,), counts, q,
+                                                         blend_fraction=job.blend_fraction)
         candidates = [(c, p) for c, p in zip(costs, job.plans) if c.max_call_tokens <= max_context]
         # stable sort: equal budgets keep the planner's order
         candidates.sort(key=lambda cp: (cp[0].kv_budget_tokens, cp[0].est_latency_s), reverse=True)
@@ -320,7 +323,8 @@ class Scheduler:
         def cost(n: int) -> PlanCost:
             if n not in entry.fallbacks:
                 entry.fallbacks[n] = self.cost_model.estimate(
-                    RagPlan(job.fallback, n), job.chunk_token_counts, job.question_tokens)
+                    RagPlan(job.fallback, n), job.chunk_token_counts, job.question_tokens,
+                    blend_fraction=job.blend_fraction)
             return entry.fallbacks[n]
 
         def ok(n: int) -> bool:

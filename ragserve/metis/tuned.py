@@ -21,7 +21,7 @@ from ragserve.config import Config
 from ragserve.controller import Decision
 from ragserve.domain import Method, PlanDecision, RagPlan, RetrievedChunk
 from ragserve.engines.base import Engine
-from ragserve.metis.planner import MetisPlanner
+from ragserve.metis.planner import MetisPlanner, collection_blend_fraction
 from ragserve.metis.rules import degenerate
 from ragserve.metis.quality import QualityModel, load_quality_model
 from ragserve.metis.scheduler import Job
@@ -71,7 +71,8 @@ class TunedPlanner(MetisPlanner):
         counts, question_tokens = await self._token_counts(collection, hits, question)
         stats = self.retime()
         job = Job(f"q{next(self._ids)}", tuple(plans), Method.STUFF, tuple(counts), question_tokens,
-                  slo_s=slo_s, qualities=tuple(qualities))
+                  slo_s=slo_s, qualities=tuple(qualities),
+                  blend_fraction=collection_blend_fraction(self.engine, collection.name))
         decision = await self._admit(job)
         chosen = PlanDecision(decision.plan, decision.reason.value, pruned=tuple(plans),
                               kv_free_tokens=decision.kv_free_tokens, cost=decision.cost, planner="tuned",

@@ -20,6 +20,7 @@ from ragserve.engines.local.blend_forward import LayerwiseModel
 from ragserve.engines.local.blend_gate import (BlendGate, GatePoint, GateThresholds, GateVerdict, check,
                                                load_verdict, save_verdict, selection)
 from ragserve.engines.local.kv_store import KVSpec, KVStore
+from ragserve.metis.planner import collection_blend_fraction
 from ragserve.engines.local.segments import CHUNK, GLUE, PREFIX, SUFFIX, Segment, SegmentedPrompt
 from ragserve.synthesis import answer_call
 
@@ -188,6 +189,10 @@ def test_engine_refuses_blending_for_a_refused_collection(tmp_path, monkeypatch)
         assert engine.blend_counters["blended_calls"] == 1
         stats = engine.blend_stats()
         assert stats["policies"]["bad"]["blend"] is False and stats["policies"]["good"]["ratio"] == 0.3
+        # the planners price each collection's stuff calls at what the engine will prefill
+        assert collection_blend_fraction(engine, "bad") == 1.0
+        assert collection_blend_fraction(engine, "good") == 0.3
+        assert collection_blend_fraction(engine, "never-checked") == config.ratio
     finally:
         asyncio.run(engine.close())
 

@@ -140,6 +140,14 @@ def test_a_stuff_call_under_the_blend_minimum_is_priced_as_a_full_prefill():
     assert model.estimate(large, CHUNKS, Q).prefill_tokens == 30 + math.ceil(600 * 0.15)
 
 
+def test_a_query_can_carry_its_own_blend_fraction():
+    plan, model = RagPlan(Method.STUFF, 3), make_cost_model(blend_prefill_fraction=0.15)
+    assert model.estimate(plan, CHUNKS, Q, blend_fraction=1.0).prefill_tokens == 30 + 600   # the gate refused
+    assert model.estimate(plan, CHUNKS, Q, blend_fraction=0.3).prefill_tokens == 30 + math.ceil(600 * 0.3)
+    with pytest.raises(BadInput, match="blend_fraction=0"):
+        model.estimate(plan, CHUNKS, Q, blend_fraction=0)
+
+
 def test_blending_does_not_change_map_plans():
     cost = make_cost_model(blend_prefill_fraction=0.15).estimate(RagPlan(Method.MAP_RERANK, 3), CHUNKS, Q)
     assert cost.prefill_tokens == cost.prompt_tokens

@@ -1,5 +1,6 @@
 """Scheduler tests drive the public loop: add(job) -> schedule(stats) -> decisions."""
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -178,6 +179,20 @@ def test_slo_counts_time_already_waited():
     sched.add(make_job(slo_s=slo, arrival_s=0.0))
     [d] = sched.schedule(make_stats(50_000), now_s=waited)
     assert d.plan == plan(5) and d.reason is Reason.SLO
+
+
+def test_a_job_carries_its_collections_blend_fraction():
+    """Blending makes every stuff plan meet the SLO; a collection whose blend the gate refused
+    is priced at full prefill and gets what a plain engine would."""
+    slo = (_latency(plan(7)) + _latency(plan(8))) / 2
+    blending = make_cost_model(blend_prefill_fraction=0.15)
+    picks = {}
+    for frac in (None, 1.0):
+        sched = make_scheduler(cost_model=blending)
+        sched.add(replace(make_job(slo_s=slo, arrival_s=0.0), blend_fraction=frac))
+        [d] = sched.schedule(make_stats(50_000), now_s=0.0)
+        picks[frac] = d.plan
+    assert picks == {None: plan(10), 1.0: plan(7)}
 
 
 def test_loose_slo_is_plain_best_fit():
