@@ -68,6 +68,16 @@ def measured_speeds(run_dir: Path) -> EngineSpeeds:
     raise SystemExit(f"{run_dir}: no engine_speeds in report.json (a run from before speeds were measured)")
 
 
+def speeds_source(specs: list[str], dataset: str) -> str | None:
+    """The eval run whose measured speeds simulate `dataset`: its DATASET=DIR entry, else the
+    one bare DIR (all datasets), else None (speeds fitted to the sweep)."""
+    named = dict(s.split("=", 1) for s in specs if "=" in s)
+    bare = [s for s in specs if "=" not in s]
+    if len(bare) > 1:
+        raise SystemExit(f"--speeds-from: at most one DIR for all datasets, got {bare}; name the others DATASET=DIR")
+    return named.get(dataset, bare[0] if bare else None)
+
+
 def real_rates(specs: list[str]) -> dict[str, list[tuple[float, float]]]:
     """dataset -> [(rate factor, absolute rate q/s)] of the real runs given as FACTOR=DIR."""
     out: dict[str, list[tuple[float, float]]] = {}
@@ -92,8 +102,9 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         speeds = EngineSpeeds.from_dict(sweep["engine_speeds"])   # its latencies were under load
     else:
         speeds = fit_speeds(records)
-    if args.speeds_from:
-        speeds = measured_speeds(Path(args.speeds_from))
+    source = speeds_source(args.speeds_from, meta.dataset)
+    if source:
+        speeds = measured_speeds(Path(source))
     model = ModelSpec(meta.model, *GEOMETRY[meta.model], args.dtype_bytes, 8192)
     kv_tokens = int(args.kv_budget_mb * 2**20 // model.kv_bytes_per_token)
     overhead = args.overhead_tokens if args.overhead_tokens is not None else fit_overhead_tokens(queries, model)
@@ -368,8 +379,10 @@ def main() -> int:
     ap.add_argument("--out", default="eval/results/controller_sweep")
     ap.add_argument("--real", nargs="*", default=[],
                     help="ragserve eval runs to add as real points, each FACTOR=DIR (the run's rate factor)")
-    ap.add_argument("--speeds-from", help="a ragserve eval run dir: simulate with the engine speeds it measured "
-                                          "(this machine's), instead of speeds fitted to the sweep's latencies")
+    ap.add_argument("--speeds-from", nargs="*", default=[], metavar="[DATASET=]DIR",
+                    help="ragserve eval run dirs: simulate with the engine speeds a run measured instead of speeds "
+                         "fitted to the sweep's latencies; DIR for every dataset, DATASET=DIR for one (a run on "
+                         "the machine its sweep ran on)")
     ap.add_argument("--kv-budget-mb", type=float, default=64.0)
     ap.add_argument("--dtype-bytes", type=int, default=4, help="KV bytes per value (4 = fp32 CPU, 2 = bf16)")
     ap.add_argument("--answer-tokens", type=int, default=64)
