@@ -68,14 +68,18 @@ def measured_speeds(run_dir: Path) -> EngineSpeeds:
     raise SystemExit(f"{run_dir}: no engine_speeds in report.json (a run from before speeds were measured)")
 
 
-def speeds_source(specs: list[str], dataset: str) -> str | None:
-    """The eval run whose measured speeds simulate `dataset`: its DATASET=DIR entry, else the
-    one bare DIR (all datasets), else None (speeds fitted to the sweep)."""
+def for_dataset(specs: list[str], dataset: str, option: str) -> str | None:
+    """An option's value for `dataset`: its DATASET=VALUE entry, else the one bare VALUE (every
+    dataset), else None."""
     named = dict(s.split("=", 1) for s in specs if "=" in s)
     bare = [s for s in specs if "=" not in s]
     if len(bare) > 1:
-        raise SystemExit(f"--speeds-from: at most one DIR for all datasets, got {bare}; name the others DATASET=DIR")
+        raise SystemExit(f"{option}: at most one value for all datasets, got {bare}; name the others DATASET=VALUE")
     return named.get(dataset, bare[0] if bare else None)
+
+
+def kv_dtype_bytes(args, dataset: str) -> int:
+    return int(for_dataset(args.dtype_bytes, dataset, "--dtype-bytes") or 4)
 
 
 def real_rates(specs: list[str]) -> dict[str, list[tuple[float, float]]]:
@@ -102,10 +106,10 @@ def dataset_points(profile: Path, args) -> tuple[list[dict[str, Any]], dict[str,
         speeds = EngineSpeeds.from_dict(sweep["engine_speeds"])   # its latencies were under load
     else:
         speeds = fit_speeds(records)
-    source = speeds_source(args.speeds_from, meta.dataset)
+    source = for_dataset(args.speeds_from, meta.dataset, "--speeds-from")
     if source:
         speeds = measured_speeds(Path(source))
-    model = ModelSpec(meta.model, *GEOMETRY[meta.model], args.dtype_bytes, 8192)
+    model = ModelSpec(meta.model, *GEOMETRY[meta.model], kv_dtype_bytes(args, meta.dataset), 8192)
     kv_tokens = int(args.kv_budget_mb * 2**20 // model.kv_bytes_per_token)
     overhead = args.overhead_tokens if args.overhead_tokens is not None else fit_overhead_tokens(queries, model)
     engines = {"cpu": (speeds, kv_tokens)}
@@ -221,7 +225,7 @@ def replay_points(specs: list[str], args) -> list[dict[str, Any]]:
         meta = report["meta"]
         rows = {name: [r for r in rs if r.get("error") is None and r.get("total_s") is not None]
                 for name, rs in all_rows.items()}
-        model = ModelSpec(meta["model"], *GEOMETRY[meta["model"]], args.dtype_bytes, 8192)
+        model = ModelSpec(meta["model"], *GEOMETRY[meta["model"]], kv_dtype_bytes(args, meta["dataset"]), 8192)
         engine = meta.get("engine_config") or {}
         kv_tokens = int(float(engine.get("kv_budget_mb", args.kv_budget_mb)) * 2**20 // model.kv_bytes_per_token)
         for name, rs in rows.items():
@@ -384,7 +388,8 @@ def main() -> int:
                          "fitted to the sweep's latencies; DIR for every dataset, DATASET=DIR for one (a run on "
                          "the machine its sweep ran on)")
     ap.add_argument("--kv-budget-mb", type=float, default=64.0)
-    ap.add_argument("--dtype-bytes", type=int, default=4, help="KV bytes per value (4 = fp32 CPU, 2 = bf16)")
+    ap.add_argument("--dtype-bytes", nargs="*", default=[], metavar="[DATASET=]N",
+                    help="KV bytes per value (4 = fp32 CPU, the default; 2 = bf16), for every dataset or DATASET=N")
     ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--overhead-tokens", type=int, default=None,
                     help="per-call template tokens the planner prices (default: fitted to each sweep's stuff prompts)")
