@@ -52,7 +52,7 @@ def test_replay_runs_a_real_trace_through_the_simulated_engine(tmp_path):
              "output_tokens": 4, "num_calls": 1, "arrival_s": 100.0 * i, "total_s": 3.0, "error": None}
             for i in range(2)]
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = type("Args", (), {"dtype_bytes": 4, "kv_budget_mb": 64.0, "answer_tokens": 64})()
+    args = type("Args", (), {"dtype_bytes": ["4"], "kv_budget_mb": 64.0, "answer_tokens": 64})()
     (p,) = cs.replay_points([f"1.5={d}"], args)
     assert p["source"] == "replay" and p["n"] == 2 and p["quality"] == 0.5
     assert p["mean_s"] == pytest.approx(200 / 100 + 4 * 0.1)
@@ -69,3 +69,13 @@ def test_a_replayed_row_is_priced_at_its_own_prompt_tokens():
                              "output_tokens": 5, "quality": 1.0}, cs.REPLAY_OVERHEAD)
         (p,) = q.outcomes
         assert abs(cost.estimate(p, q.chunk_tokens, q.question_tokens).prompt_tokens - prompt) <= 3
+
+
+def test_per_dataset_options_fall_back_to_the_bare_value():
+    cs = _script()
+    specs = ["runs/squad-1.5x", "financebench=runs/financebench-1.5x"]
+    assert cs.for_dataset(specs, "financebench", "--speeds-from") == "runs/financebench-1.5x"
+    assert cs.for_dataset(specs, "squad", "--speeds-from") == "runs/squad-1.5x"
+    assert cs.for_dataset([], "squad", "--speeds-from") is None
+    with pytest.raises(SystemExit, match="at most one value"):
+        cs.for_dataset(["a", "b"], "squad", "--speeds-from")
