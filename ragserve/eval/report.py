@@ -328,7 +328,8 @@ def build_report(meta: dict[str, Any], rows_by_system: dict[str, list[dict[str, 
         if name in summaries and more:
             summaries[name].update(more)
     frontier = pareto_frontier((n, s["total_s"]["mean"], s["quality"]) for n, s in summaries.items())
-    report = {"format_version": 1, "meta": {**meta, **environment()}, "systems": summaries,
+    # the caller's environment (taken when its run started) wins over the one at write time
+    report = {"format_version": 1, "meta": {**environment(), **meta}, "systems": summaries,
               "pareto_frontier": frontier, "headline": headline(summaries, "quality"),
               "headline_f1": headline(summaries, "f1"), "unavailable": unavailable or {}}
     if blended := blend_comparison(rows_by_system, summaries):

@@ -333,7 +333,7 @@ def build_workload(settings: EvalSettings, exclude_ids: set[str] = frozenset()) 
 
 def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
     """Run every system of `settings` and write the report; returns the report dict."""
-    from ragserve.eval.report import process_cpu_s, write_eval_report
+    from ragserve.eval.report import environment, process_cpu_s, write_eval_report
 
     spec = get_spec(settings.dataset)
     excluded: set[str] = set()
@@ -342,6 +342,7 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
         excluded = training_query_ids(config.metis.learned_profiler)
     workload = build_workload(settings, excluded)
     load_start, cpu_start, wall_start = os.getloadavg(), process_cpu_s(), time.perf_counter()
+    started = environment()   # the code the systems ran, not what the tree holds when they finish
     t0 = time.perf_counter()
     corpus = ensure_collection(settings.dataset, config, [i.question for i in workload.items],
                                settings.corpus_limit, settings.datasets_root, progress=settings.progress)
@@ -385,6 +386,7 @@ def run_eval(settings: EvalSettings, config: Config) -> dict[str, Any]:
                          "wall_s": round(time.perf_counter() - wall_start, 1),
                          "process_cpu_s": round(process_cpu_s() - cpu_start, 1)},
         "workload": info.get("workload"),
+        **started,
     }
     return write_eval_report(settings.out, meta, runs, unavailable)
 

@@ -110,3 +110,9 @@ def test_blend_systems_are_compared_with_their_unblended_selves():
     assert c["reused_share"] == 0.75 and c["prefill_work_share"] == 0.25   # 400 prompt tokens, all blended
     assert "tuned+blend" in report["headline"] and "blend_vs_unblended" not in build_report({}, {"tuned": tuned})
     assert "| `tuned+blend` | `tuned` | 4 | 0.000 ± " in render_markdown(report)
+
+
+def test_the_run_start_commit_wins_over_the_one_at_write_time():
+    report = build_report({"git_commit": "abc123", "git_dirty": False}, {"tuned": make_rows("tuned", [0.4], [1.0])})
+    assert report["meta"]["git_commit"] == "abc123" and report["meta"]["git_dirty"] is False
+    assert "versions" in report["meta"]            # the rest of the environment still comes along
