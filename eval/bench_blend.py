@@ -551,10 +551,15 @@ def combine(paths: list[str], stem: Path) -> dict:
     """One curve over the questions of several result files (e.g. separate runs per dataset)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
-    names = [set(q["modes"]) for part in parts for q in part["questions"]]
-    if any(n != names[0] for n in names):
-        raise SystemExit(f"--combine: {', '.join(paths)} ran different modes; combine runs of the same modes")
-    mode_list = [(m, r["mode"], r["ratio"], None) for m, r in zip(first["questions"][0]["modes"], first["rows"])]
+    # the modes every question ran (a later run may carry only the default variant)
+    common = set.intersection(*(set(q["modes"]) for part in parts for q in part["questions"]))
+    if not common - {"full_prefill"}:
+        raise SystemExit(f"--combine: {', '.join(paths)} share no blend mode; combine runs of the same modes")
+    mode_list = [(m, r["mode"], r["ratio"], None) for m, r in zip(first["questions"][0]["modes"], first["rows"])
+                 if m in common]
+    dropped = sorted({m for part in parts for q in part["questions"] for m in q["modes"]} - common)
+    if dropped:
+        logging.getLogger("bench_blend").warning("--combine: left out %s (not run on every question)", dropped)
     meta = argparse.Namespace(model=first["model"], dtype=first["dtype"], chunks=first["chunks"], cheap=first["cheap"],
                               min_context=first["min_context"], threads=first["threads"],
                               command="python eval/bench_blend.py --combine " + " ".join(paths) + f" --out {stem}")
