@@ -227,7 +227,11 @@ def test_steer_alpha_one_leaves_quantized_logits_unchanged(int8, tmp_path):
     row = Steerer(int8.model, int8.tokenizer, store, SteerConfig(alpha=1.0)).row(prompt)
     assert row is not None and row.num_steered > 0
     _, logits = int8.prefill([list(prompt.token_ids)], [row])
-    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-4)
+    # alpha 1 changes nothing but the attention path, whose fp32 result may differ in the last
+    # bits from SDPA's (machine-dependent); the int8 kernel rounds a one-row input (the last
+    # position, into the lm head) to bf16, so such a difference can surface as one bf16 step.
+    torch.testing.assert_close(logits, logits_ref, rtol=2e-2, atol=2e-2)
+    assert int(logits.argmax()) == int(logits_ref.argmax())
 
 
 @pytest.mark.model
