@@ -234,7 +234,8 @@ class MetisPlanner:
                             golden, need, free, self.scheduler.num_waiting)
                 return
             job = Job(f"golden{next(self._ids)}", (golden,), golden.method, tuple(counts), question_tokens,
-                      arrival_s=time.monotonic())
+                      arrival_s=time.monotonic(),
+                      blend_fraction=collection_blend_fraction(self.engine, collection.name))
             admitted = await self._admit(job)
             try:
                 logger.info("feedback: golden run of %s (%s) for a query profiled %s", admitted.plan,

@@ -20,8 +20,8 @@ from ragserve.engines.local.blend_forward import LayerwiseModel
 from ragserve.engines.local.blend_gate import (BlendGate, GatePoint, GateThresholds, GateVerdict, check,
                                                load_verdict, save_verdict, selection)
 from ragserve.engines.local.kv_store import KVSpec, KVStore
-from ragserve.metis.planner import collection_blend_fraction
 from ragserve.engines.local.segments import CHUNK, GLUE, PREFIX, SUFFIX, Segment, SegmentedPrompt
+from ragserve.metis.planner import collection_blend_fraction
 from ragserve.synthesis import answer_call
 
 
